@@ -1,0 +1,143 @@
+"""Text tokenizers with one small interface: `tok(texts) -> int32[batch, context_length]`.
+
+Each has `vocab_size`, `context_length`, `pad_token_id`, `bos_token_id`, `eos_token_id`. A sequence
+is
+`[bos] + tokens + [eos]`, then `pad` up to `context_length`; a prompt longer than the context keeps
+its
+first tokens and ends with `eos` (as CLIP does), and a warning on the `ldm_jax` logger says so.
+
+- `ByteTokenizer`: UTF-8 bytes; needs no files (the embedded `shapes` dataset, tests).
+- `CLIPTokenizer`: OpenAI CLIP's BPE, through `transformers` (imported only when one is built),
+from a
+  local folder such as a diffusers checkpoint's `tokenizer/`.
+"""
+
+import logging
+import os
+from collections.abc import Sequence
+
+import numpy as np
+
+logger = logging.getLogger("ldm_jax")
+
+CONTEXT_LENGTH = 77  # CLIP's text context, used by every Stable Diffusion text encoder
+
+
+def _pack(
+    sequences: Sequence[Sequence[int]], context_length: int, eos_token_id: int, pad_token_id: int
+) -> np.ndarray:
+    """[bos, ..., eos] id lists -> int32[batch, context_length], truncated (eos last) and padded."""
+    out = np.full((len(sequences), context_length), pad_token_id, dtype=np.int32)
+    for row, ids in enumerate(sequences):
+        if len(ids) > context_length:
+            logger.warning(
+                "Prompt %d was truncated: it has %d tokens (with bos/eos), the limit is %d.",
+                row,
+                len(ids),
+                context_length,
+            )
+            ids = list(ids[: context_length - 1]) + [eos_token_id]
+        out[row, : len(ids)] = ids
+    return out
+
+
+def _check_texts(texts: Sequence[str]) -> list[str]:
+    # A bare string is a Sequence[str] too; tokenizing it character by character would be a silent
+    # bug.
+    if isinstance(texts, str):
+        raise TypeError(
+            "texts must be a sequence of strings, not a single string; wrap it in a list"
+        )
+    texts = list(texts)
+    for text in texts:
+        if not isinstance(text, str):
+            raise TypeError(f"texts must be strings, got {type(text).__name__}: {text!r}")
+    return texts
+
+
+class ByteTokenizer:
+    """UTF-8 bytes shifted by 3: pad 0, bos 1, eos 2, byte b -> b + 3; vocab_size 259."""
+
+    pad_token_id = 0
+    bos_token_id = 1
+    eos_token_id = 2
+    byte_offset = 3
+    vocab_size = 256 + byte_offset
+
+    def __init__(self, context_length: int = CONTEXT_LENGTH):
+        if context_length < 2:
+            raise ValueError(
+                f"context_length must be at least 2 (bos and eos), got {context_length}"
+            )
+        self.context_length = context_length
+
+    def __call__(self, texts: Sequence[str]) -> np.ndarray:
+        """texts -> int32[len(texts), context_length]."""
+        sequences = [
+            [self.bos_token_id]
+            + [b + self.byte_offset for b in text.encode("utf-8")]
+            + [self.eos_token_id]
+            for text in _check_texts(texts)
+        ]
+        return _pack(sequences, self.context_length, self.eos_token_id, self.pad_token_id)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """One row of ids -> text, dropping pad/bos/eos: the inverse of `__call__`."""
+        data = bytes(int(i) - self.byte_offset for i in ids if int(i) >= self.byte_offset)
+        return data.decode("utf-8", errors="replace")
+
+
+class CLIPTokenizer:
+    """CLIP BPE from a local folder with `vocab.json`, `merges.txt` and the tokenizer config."""
+
+    def __init__(self, path: str | os.PathLike, context_length: int = CONTEXT_LENGTH):
+        # Imported here: it costs seconds, and most users of ldm_jax never build this tokenizer.
+        import transformers
+
+        if not os.path.isdir(path) or not os.path.exists(os.path.join(path, "vocab.json")):
+            raise FileNotFoundError(
+                f"CLIP tokenizer folder {path!r} not found or has no vocab.json (expected "
+                "vocab.json, "
+                "merges.txt and tokenizer_config.json, e.g. a diffusers checkpoint's tokenizer/)"
+            )
+        # from_pretrained, not CLIPTokenizer(vocab_file=..., merges_file=...): in transformers 5 the
+        # constructor silently yields a tokenizer that maps every word to one id.
+        self._tokenizer = transformers.CLIPTokenizer.from_pretrained(os.fspath(path))
+        self.context_length = context_length
+        self.vocab_size = len(self._tokenizer)
+        self.bos_token_id = self._tokenizer.bos_token_id
+        self.eos_token_id = self._tokenizer.eos_token_id
+        # The folder's own pad token: <|endoftext|> for SD 1.x (CLIP), "!" (id 0) for SD 2.x
+        # (OpenCLIP).
+        self.pad_token_id = self._tokenizer.pad_token_id
+        if self.pad_token_id is None:
+            self.pad_token_id = self.eos_token_id
+
+    def __call__(self, texts: Sequence[str]) -> np.ndarray:
+        """texts -> int32[len(texts), context_length]."""
+        texts = _check_texts(texts)
+        if not texts:
+            return np.zeros((0, self.context_length), np.int32)
+        # Untruncated here so that `_pack` knows the real length for its warning; verbose=False
+        # silences transformers' own "sequence length is longer" message (ours replaces it).
+        sequences = self._tokenizer(texts, truncation=False, verbose=False)["input_ids"]
+        return _pack(sequences, self.context_length, self.eos_token_id, self.pad_token_id)
+
+
+TOKENIZERS = ("byte", "clip")
+
+
+def get_tokenizer(
+    name: str, path: str | os.PathLike | None = None, context_length: int = CONTEXT_LENGTH
+) -> ByteTokenizer | CLIPTokenizer:
+    """`"byte"` (no files) or `"clip"` (needs `path`, a folder with the tokenizer files)."""
+    if name == "byte":
+        return ByteTokenizer(context_length)
+    if name == "clip":
+        if path is None:
+            raise ValueError(
+                "the 'clip' tokenizer needs path=<folder with vocab.json and merges.txt> "
+                "(e.g. a diffusers checkpoint's tokenizer/ folder)"
+            )
+        return CLIPTokenizer(path, context_length)
+    raise ValueError(f"unknown tokenizer {name!r}; valid names: {', '.join(TOKENIZERS)}")

@@ -1,0 +1,59 @@
+"""Noising, training targets and the conversions between parameterizations.
+
+For a VP schedule x_t = sqrt(abar) x_0 + sqrt(1 - abar) eps (Ho et al. 2020, Eq. 4), the network
+predicts eps, x_0 ("sample") or v = sqrt(abar) eps - sqrt(1 - abar) x_0 (Salimans & Ho 2022, Sec. 4).
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+
+def _bcast(a: jnp.ndarray, x: jnp.ndarray) -> jnp.ndarray:
+    """Reshape a per-example float[B] to broadcast against x float[B, ...]."""
+    return jnp.reshape(a, a.shape + (1,) * (x.ndim - a.ndim))
+
+
+def alpha_bar_at(alphas_cumprod: jnp.ndarray, t: jnp.ndarray) -> jnp.ndarray:
+    """abar at integer timesteps t: int[B] -> float32[B]."""
+    return alphas_cumprod[t.astype(jnp.int32)]
+
+
+def add_noise(x0: jnp.ndarray, noise: jnp.ndarray, alpha_bar: jnp.ndarray) -> jnp.ndarray:
+    """x_t = sqrt(abar) x_0 + sqrt(1 - abar) eps; alpha_bar: float[B]."""
+    a = _bcast(alpha_bar, x0)
+    return jnp.sqrt(a) * x0 + jnp.sqrt(1.0 - a) * noise
+
+
+def training_target(x0, noise, alpha_bar, prediction_type: str):
+    """What the network should output for (x_0, eps) at noise level abar."""
+    if prediction_type == "epsilon":
+        return noise
+    if prediction_type == "sample":
+        return x0
+    if prediction_type == "v_prediction":
+        a = _bcast(alpha_bar, x0)
+        return jnp.sqrt(a) * noise - jnp.sqrt(1.0 - a) * x0
+    raise ValueError(
+        f"unknown prediction_type {prediction_type!r}; valid: {', '.join(PREDICTION_TYPES)}"
+    )
+
+
+def predict_x0_and_eps(model_output, x_t, alpha_bar, prediction_type: str):
+    """Turn a network output into (x_0 estimate, eps estimate) at x_t."""
+    a = _bcast(alpha_bar, x_t)
+    sa, s1a = jnp.sqrt(a), jnp.sqrt(1.0 - a)
+    if prediction_type == "epsilon":
+        eps = model_output
+        return (x_t - s1a * eps) / sa, eps
+    if prediction_type == "sample":
+        x0 = model_output
+        return x0, (x_t - sa * x0) / s1a
+    if prediction_type == "v_prediction":
+        v = model_output
+        return sa * x_t - s1a * v, sa * v + s1a * x_t
+    raise ValueError(
+        f"unknown prediction_type {prediction_type!r}; valid: {', '.join(PREDICTION_TYPES)}"
+    )

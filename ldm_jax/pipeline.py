@@ -1,0 +1,234 @@
+"""Text -> tokens -> embeddings -> sampled latents -> decoded images, for a model trained here.
+
+  ldm = load_from_workdir("runs/shapes/ldm")
+  images = generate(ldm, ["a red circle"], seeds=[0], guidance_scale=4.0, num_steps=25)
+
+The whole denoising loop, the text encoder and the VAE decoder run in one jitted function per
+(sampler, steps, batch size); prompts, negative prompts, seeds and guidance scales are traced
+arguments, so changing them does not recompile. Batches are padded to a fixed size for the same
+reason, and split over the mesh's data axis.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ldm_jax import sharding as sharding_lib
+from ldm_jax.config import read_config
+from ldm_jax.data.tokenizers import get_tokenizer
+from ldm_jax.diffusion import samplers as sampler_lib
+from ldm_jax.diffusion.guidance import classifier_free_guidance
+from ldm_jax.diffusion.schedules import NoiseSchedule, schedule_from_config
+from ldm_jax.models.clip import CLIPTextTransformer
+from ldm_jax.models.unet import UNet2DConditionModel
+from ldm_jax.models.vae import AutoencoderKL
+
+
+class NoCheckpointError(FileNotFoundError):
+    pass
+
+
+def build_text_encoder(config, tokenizer) -> CLIPTextTransformer:
+    te = config.text_encoder
+    return CLIPTextTransformer(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=te.hidden_size,
+        intermediate_size=te.intermediate_size,
+        num_hidden_layers=te.num_hidden_layers,
+        num_attention_heads=te.num_attention_heads,
+        max_position_embeddings=tokenizer.context_length,
+        hidden_act=te.hidden_act,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+
+
+def build_unet(config, latent_channels: int) -> UNet2DConditionModel:
+    u = config.unet
+    return UNet2DConditionModel(
+        in_channels=latent_channels,
+        out_channels=latent_channels,
+        block_out_channels=tuple(u.block_out_channels),
+        down_block_types=tuple(u.down_block_types),
+        up_block_types=tuple(u.up_block_types),
+        layers_per_block=u.layers_per_block,
+        attention_head_dim=u.attention_head_dim,
+        cross_attention_dim=config.text_encoder.hidden_size,
+        norm_num_groups=u.norm_num_groups,
+    )
+
+
+def build_autoencoder(config) -> AutoencoderKL:
+    ae = config.autoencoder
+    return AutoencoderKL(
+        block_out_channels=tuple(ae.block_out_channels),
+        layers_per_block=ae.layers_per_block,
+        latent_channels=ae.latent_channels,
+        norm_num_groups=ae.norm_num_groups,
+    )
+
+
+def latent_size(config) -> int:
+    return config.data.image_size // 2 ** (len(config.autoencoder.block_out_channels) - 1)
+
+
+@dataclasses.dataclass
+class LatentDiffusion:
+    """A text-to-image model: modules, tokenizer, schedule and parameters.
+
+    params: {"unet": ..., "text_encoder": ...} (the EMA weights when loaded from a workdir);
+    frozen: {"vae": ..., "latent_scale": f32[]} (latents are z * latent_scale, LDM Sec. 4.3.2).
+    """
+
+    config: Any
+    tokenizer: Any
+    text_encoder: CLIPTextTransformer
+    unet: UNet2DConditionModel
+    vae: AutoencoderKL
+    schedule: NoiseSchedule
+    params: Any
+    frozen: Any
+    mesh: Any = None
+    _compiled: dict = dataclasses.field(default_factory=dict, repr=False)
+
+    @classmethod
+    def from_config(cls, config, params=None, frozen=None, mesh=None):
+        tokenizer = get_tokenizer(config.tokenizer.name, config.tokenizer.path or None,
+                                  config.tokenizer.context_length)
+        return cls(
+            config=config, tokenizer=tokenizer,
+            text_encoder=build_text_encoder(config, tokenizer),
+            unet=build_unet(config, config.autoencoder.latent_channels),
+            vae=build_autoencoder(config),
+            schedule=schedule_from_config(config.diffusion),
+            params=params, frozen=frozen,
+            mesh=mesh if mesh is not None else sharding_lib.make_mesh(config.mesh),
+        )
+
+
+def load_from_workdir(workdir: str | pathlib.Path, step: int | None = None) -> LatentDiffusion:
+    """The EMA parameters of the latest (or given) checkpoint of an `ldm` training run."""
+    from ldm_jax.train.checkpointing import Checkpointer
+
+    workdir = pathlib.Path(workdir)
+    if not (workdir / "config.json").exists() or not (workdir / "checkpoints").exists():
+        raise NoCheckpointError(
+            f"no checkpoint in {workdir}: train one first with "
+            f"`ldm-jax train --config configs/shapes.py --workdir {workdir}`"
+        )
+    config = read_config(workdir / "config.json")
+    if config.stage != "ldm":
+        raise ValueError(f"{workdir} holds a {config.stage!r} run; sampling needs an 'ldm' run")
+    checkpointer = Checkpointer(workdir, read_only=True)
+    step = checkpointer.latest_step() if step is None else step
+    if step is None:
+        raise NoCheckpointError(f"no checkpoint in {workdir / 'checkpoints'}")
+    state = checkpointer.restore_raw(step)
+    return LatentDiffusion.from_config(config, params=state["ema_params"], frozen=state["frozen"])
+
+
+def encode_prompts(ldm: LatentDiffusion, prompts: Sequence[str]) -> np.ndarray:
+    return ldm.tokenizer(list(prompts))
+
+
+def _sample_fn(ldm: LatentDiffusion, sampler: str, num_steps: int, sampler_options: tuple):
+    """jit(params, frozen, cond_ids, uncond_ids, guidance[B], seeds[B]) -> uint8[B,H,W,3]."""
+    key = (sampler, num_steps, sampler_options)
+    if key in ldm._compiled:
+        return ldm._compiled[key]
+    sample = sampler_lib.get_sampler(sampler)
+    lat = latent_size(ldm.config)
+    channels = ldm.config.autoencoder.latent_channels
+    prediction_type = ldm.config.diffusion.prediction_type
+
+    def fn(params, frozen, cond_ids, uncond_ids, guidance, seeds):
+        embed = lambda ids: ldm.text_encoder.apply(params["text_encoder"], ids).last_hidden_state
+        cond, uncond = embed(cond_ids), embed(uncond_ids)
+        apply = lambda x, t, ctx: ldm.unet.apply(params["unet"], x, t, ctx)
+        model_fn = classifier_free_guidance(apply, cond, uncond, guidance)
+        # Per-image noise from per-image seeds: an image does not depend on its batch-mates.
+        noise = jax.vmap(lambda s: jax.random.normal(jax.random.key(s), (lat, lat, channels)))(seeds)
+        rng = jax.random.fold_in(jax.random.key(seeds[0]), 1)
+        latents = sample(model_fn, noise, ldm.schedule, num_steps, rng,
+                         prediction_type=prediction_type, **dict(sampler_options))
+        images = ldm.vae.apply(frozen["vae"], latents / frozen["latent_scale"],
+                               method=ldm.vae.decode)
+        return jnp.clip(jnp.round((images + 1.0) * 127.5), 0, 255).astype(jnp.uint8)
+
+    repl = sharding_lib.replicated(ldm.mesh)
+    batch = sharding_lib.batch_sharding(ldm.mesh)
+    compiled = jax.jit(fn, in_shardings=(repl, repl, batch, batch, batch, batch),
+                       out_shardings=batch)
+    ldm._compiled[key] = compiled
+    return compiled
+
+
+def generate(
+    ldm: LatentDiffusion,
+    prompts: Sequence[str],
+    *,
+    seeds: Sequence[int],
+    negative_prompts: Sequence[str] | None = None,
+    guidance_scale: float | Sequence[float] = 4.0,
+    num_steps: int = 25,
+    sampler: str = "ddim",
+    batch_size: int = 16,
+    sampler_options: dict | None = None,
+    progress: bool = False,
+) -> np.ndarray:
+    """One image per (prompt, seed) pair -> uint8[N, H, W, 3].
+
+    guidance_scale: one value or one per image (diffusers' convention: 1 = conditional model,
+    0 = unconditional). negative_prompts replace the empty unconditional prompt.
+    """
+    n = len(prompts)
+    if len(seeds) != n:
+        raise ValueError(f"{n} prompts but {len(seeds)} seeds")
+    negative_prompts = list(negative_prompts) if negative_prompts is not None else [""] * n
+    if len(negative_prompts) != n:
+        raise ValueError(f"{n} prompts but {len(negative_prompts)} negative prompts")
+    guidance = np.broadcast_to(np.asarray(guidance_scale, np.float32), (n,))
+    devices = ldm.mesh.devices.size
+    batch_size = -(-batch_size // devices) * devices  # a multiple of the device count
+    fn = _sample_fn(ldm, sampler, num_steps, tuple(sorted((sampler_options or {}).items())))
+    cond_ids = ldm.tokenizer(list(prompts))
+    uncond_ids = ldm.tokenizer(negative_prompts)
+    seeds = np.asarray(seeds, np.uint32)
+    out = []
+    starts = range(0, n, batch_size)
+    if progress:
+        from tqdm import tqdm
+
+        starts = tqdm(starts, desc="sampling", unit="batch")
+    for start in starts:
+        sl = slice(start, start + batch_size)
+        pad = batch_size - len(seeds[sl])
+        padded = [np.concatenate([a[sl], np.repeat(a[sl][-1:], pad, axis=0)])
+                  for a in (cond_ids, uncond_ids, guidance, seeds)]
+        images = fn(ldm.params, ldm.frozen, *padded)
+        out.append(np.asarray(images)[: batch_size - pad])
+    return np.concatenate(out)
+
+
+def save_outputs(images: np.ndarray, records: list[dict], out_dir: str | pathlib.Path,
+                 grid_columns: int | None = None) -> pathlib.Path:
+    """One PNG per image, `grid.png` and `manifest.json` (one record per image) in out_dir."""
+    from ldm_jax.train.images import make_grid, save_png
+
+    out_dir = pathlib.Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    manifest = []
+    for i, (image, record) in enumerate(zip(images, records)):
+        name = f"{i:05d}.png"
+        save_png(image, out_dir / name)
+        manifest.append({"file": name, **record})
+    save_png(make_grid(images, grid_columns), out_dir / "grid.png",
+             scale=max(1, 256 // images.shape[1]))
+    (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    return out_dir

@@ -1,0 +1,154 @@
+"""Stage 2: text-to-image latent diffusion (Rombach et al. 2022, Sec. 3.3 and 4.3).
+
+  ldm-jax train --config configs/shapes.py:ldm --workdir runs/shapes/ldm \
+      --config.autoencoder_workdir=runs/shapes/autoencoder
+
+The autoencoder of stage 1 is frozen. Its posterior (mean, std) for every training image is
+computed once up front, and each step samples z ~ N(mean, std^2): the same distribution as
+encoding every step, without the encoder's cost. Latents are multiplied by 1/std of the data's
+latents (LDM, Sec. 4.3.2 and App. G), stored with the model as `frozen["latent_scale"]`. The text
+encoder is trained jointly with the U-Net (LDM's text-to-image model did the same), and captions
+are replaced by the empty prompt with probability `p_uncond` so one network also learns the
+unconditional score for classifier-free guidance (Ho & Salimans 2022).
+"""
+
+from __future__ import annotations
+
+import logging
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ldm_jax.config import read_config
+from ldm_jax.data.pipeline import StepIndexedBatches
+from ldm_jax.diffusion.objectives import add_noise, training_target
+from ldm_jax.pipeline import LatentDiffusion, generate, latent_size
+from ldm_jax.train import autoencoder as autoencoder_stage
+from ldm_jax.train import images as image_lib
+from ldm_jax.train import loop
+from ldm_jax.train.checkpointing import Checkpointer, as_json
+
+log = logging.getLogger("ldm_jax")
+
+
+def signature(config) -> dict:
+    """The config fields that fix the parameter shapes of this stage."""
+    return {
+        "autoencoder": config.autoencoder.to_dict(),
+        "text_encoder": config.text_encoder.to_dict(),
+        "tokenizer": config.tokenizer.to_dict(),
+        "unet": config.unet.to_dict(),
+        "image_size": config.data.image_size,
+    }
+
+
+def load_autoencoder(config):
+    """EMA parameters of the stage-1 run in `config.autoencoder_workdir`, checked against config."""
+    ae_dir = pathlib.Path(config.autoencoder_workdir)
+    if not config.autoencoder_workdir:
+        raise ValueError(
+            "config.autoencoder_workdir is empty: train the autoencoder first "
+            "(`ldm-jax train --config configs/shapes.py:autoencoder --workdir DIR`) and pass "
+            "--config.autoencoder_workdir=DIR"
+        )
+    if not (ae_dir / "config.json").exists():
+        raise FileNotFoundError(f"no autoencoder run in {ae_dir} (config.json missing)")
+    ae_config = read_config(ae_dir / "config.json")
+    want = autoencoder_stage.signature(config)
+    have = autoencoder_stage.signature(ae_config)
+    if as_json(want) != as_json(have):
+        raise ValueError(f"the autoencoder in {ae_dir} ({have}) does not match this config ({want})")
+    checkpointer = Checkpointer(ae_dir, read_only=True)
+    step = checkpointer.latest_step()
+    if step is None:
+        raise FileNotFoundError(f"no autoencoder checkpoint in {ae_dir / 'checkpoints'}")
+    return checkpointer.restore_raw(step)["ema_params"]
+
+
+def encode_dataset(vae, vae_params, images: np.ndarray, batch_size: int = 256):
+    """Posterior mean and std of every image: float32[N, h, w, c] each."""
+    encode = jax.jit(lambda p, x: vae.apply(p, x.astype(jnp.float32) / 127.5 - 1.0,
+                                            method=vae.encode))
+    means, stds = [], []
+    for start in range(0, len(images), batch_size):
+        posterior = encode(vae_params, images[start : start + batch_size])
+        means.append(np.asarray(posterior.mean))
+        stds.append(np.asarray(posterior.std))
+    return np.concatenate(means), np.concatenate(stds)
+
+
+def make_loss_fn(ldm: LatentDiffusion, config, empty_ids: np.ndarray):
+    schedule, prediction_type = ldm.schedule, config.diffusion.prediction_type
+
+    def loss_fn(params, frozen, batch, rng):
+        k_z, k_cap, k_drop, k_t, k_eps = jax.random.split(rng, 5)
+        mean = batch["latent_mean"]
+        b = mean.shape[0]
+        z = (mean + batch["latent_std"] * jax.random.normal(k_z, mean.shape)) * frozen["latent_scale"]
+        canonical = jax.random.bernoulli(k_cap, config.canonical_caption_prob, (b, 1))
+        ids = jnp.where(canonical, batch["canonical_ids"], batch["caption_ids"])
+        drop = jax.random.bernoulli(k_drop, config.p_uncond, (b, 1))
+        ids = jnp.where(drop, jnp.asarray(empty_ids)[None], ids)
+        context = ldm.text_encoder.apply(params["text_encoder"], ids).last_hidden_state
+        t = jax.random.randint(k_t, (b,), 0, schedule.num_train_timesteps)
+        noise = jax.random.normal(k_eps, z.shape)
+        alpha_bar = schedule.alphas_cumprod[t]
+        pred = ldm.unet.apply(params["unet"], add_noise(z, noise, alpha_bar),
+                              t.astype(jnp.float32), context)
+        target = training_target(z, noise, alpha_bar, prediction_type)
+        loss = jnp.mean((pred.astype(jnp.float32) - target) ** 2)
+        return loss, {}
+
+    return loss_fn
+
+
+def train_and_evaluate(config, workdir: str | pathlib.Path) -> loop.TrainState:
+    workdir = pathlib.Path(workdir)
+    ldm = LatentDiffusion.from_config(config)
+    vae_params = load_autoencoder(config)
+
+    # --- Data: latents and token ids, precomputed once. ---
+    data = autoencoder_stage.load_data(config)
+    latent_mean, latent_std = encode_dataset(ldm.vae, vae_params, data["image"])
+    sample_rng = np.random.default_rng(config.seed)
+    latents = latent_mean + latent_std * sample_rng.standard_normal(latent_mean.shape)
+    latent_scale = np.float32(1.0 / latents.std())
+    log.info("latent scale factor 1/std = %.5f", latent_scale)
+    arrays = {
+        "latent_mean": latent_mean,
+        "latent_std": latent_std,
+        "caption_ids": ldm.tokenizer(list(data["caption"])),
+        "canonical_ids": ldm.tokenizer(list(data["canonical_caption"])),
+    }
+    batches = StepIndexedBatches(arrays, config.batch_size, config.seed)
+    empty_ids = ldm.tokenizer([""])[0]
+
+    # --- Model and optimizer. ---
+    optimizer = loop.make_optimizer(config.optimizer, config.num_train_steps)
+    lat, ch = latent_size(config), config.autoencoder.latent_channels
+
+    def init_fn():
+        k_text, k_unet = jax.random.split(jax.random.key(config.seed))
+        ids = jnp.zeros((1, ldm.tokenizer.context_length), jnp.int32)
+        text_params = ldm.text_encoder.init(k_text, ids)
+        context = jnp.zeros((1, ldm.tokenizer.context_length, config.text_encoder.hidden_size))
+        unet_params = ldm.unet.init(k_unet, jnp.zeros((1, lat, lat, ch)), jnp.zeros((1,)), context)
+        frozen = {"vae": vae_params, "latent_scale": jnp.asarray(latent_scale)}
+        return loop.init_state({"unet": unet_params, "text_encoder": text_params}, optimizer, frozen)
+
+    # --- Sample grid of fixed prompts with the EMA weights. ---
+    prompts = list(config.sample.prompts)
+
+    def on_sample(step, state):
+        ldm.params, ldm.frozen = state.ema_params, state.frozen
+        images = generate(ldm, prompts, seeds=list(range(len(prompts))),
+                          guidance_scale=config.sample.guidance_scale,
+                          num_steps=config.sample.num_steps, sampler=config.sample.sampler,
+                          batch_size=len(prompts))
+        grid = image_lib.make_grid(images, ncols=len(prompts))
+        return image_lib.save_png(grid, workdir / "samples" / f"step_{step:06d}.png", 4)
+
+    return loop.run(config, workdir, init_fn=init_fn, loss_fn=make_loss_fn(ldm, config, empty_ids),
+                    batches=batches, signature=signature(config), on_sample=on_sample)

@@ -1,0 +1,28 @@
+"""Test setup: 8 simulated CPU devices so that sharding is exercised everywhere.
+
+XLA_FLAGS must be set before jax is imported anywhere, which is why this happens at the top of
+conftest.py (pytest imports it before any test module).
+"""
+
+import os
+
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+).strip()
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import pathlib  # noqa: E402
+
+import pytest  # noqa: E402
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+
+
+@pytest.fixture(scope="session")
+def clip_tokenizer_dir():
+    path = SHARED / "data" / "clip_tokenizer"
+    if not path.exists():
+        pytest.skip(f"CLIP tokenizer files not found at {path}")
+    return path
