@@ -11,7 +11,7 @@ import ast
 import importlib.util
 import json
 import pathlib
-from typing import Iterable
+from collections.abc import Iterable
 
 import ml_collections
 
@@ -51,9 +51,15 @@ def apply_override(config: ml_collections.ConfigDict, key: str, text: str) -> No
     for name in parents + [leaf]:
         if not isinstance(node, ml_collections.ConfigDict) or name not in node:
             where = ".".join(walked) or "<top level>"
-            valid = ", ".join(sorted(node.keys())) if isinstance(node, ml_collections.ConfigDict) else ""
-            raise ConfigError(f"unknown config key {key!r}: {where} has no field {name!r}"
-                              + (f" (valid: {valid})" if valid else ""))
+            valid = (
+                ", ".join(sorted(node.keys()))
+                if isinstance(node, ml_collections.ConfigDict)
+                else ""
+            )
+            raise ConfigError(
+                f"unknown config key {key!r}: {where} has no field {name!r}"
+                + (f" (valid: {valid})" if valid else "")
+            )
         if name != leaf:
             node = node[name]
         walked.append(name)

@@ -14,7 +14,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import pathlib
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -99,15 +100,18 @@ class LatentDiffusion:
 
     @classmethod
     def from_config(cls, config, params=None, frozen=None, mesh=None):
-        tokenizer = get_tokenizer(config.tokenizer.name, config.tokenizer.path or None,
-                                  config.tokenizer.context_length)
+        tokenizer = get_tokenizer(
+            config.tokenizer.name, config.tokenizer.path or None, config.tokenizer.context_length
+        )
         return cls(
-            config=config, tokenizer=tokenizer,
+            config=config,
+            tokenizer=tokenizer,
             text_encoder=build_text_encoder(config, tokenizer),
             unet=build_unet(config, config.autoencoder.latent_channels),
             vae=build_autoencoder(config),
             schedule=schedule_from_config(config.diffusion),
-            params=params, frozen=frozen,
+            params=params,
+            frozen=frozen,
             mesh=mesh if mesh is not None else sharding_lib.make_mesh(config.mesh),
         )
 
@@ -153,18 +157,29 @@ def _sample_fn(ldm: LatentDiffusion, sampler: str, num_steps: int, sampler_optio
         apply = lambda x, t, ctx: ldm.unet.apply(params["unet"], x, t, ctx)
         model_fn = classifier_free_guidance(apply, cond, uncond, guidance)
         # Per-image noise from per-image seeds: an image does not depend on its batch-mates.
-        noise = jax.vmap(lambda s: jax.random.normal(jax.random.key(s), (lat, lat, channels)))(seeds)
+        noise = jax.vmap(lambda s: jax.random.normal(jax.random.key(s), (lat, lat, channels)))(
+            seeds
+        )
         rng = jax.random.fold_in(jax.random.key(seeds[0]), 1)
-        latents = sample(model_fn, noise, ldm.schedule, num_steps, rng,
-                         prediction_type=prediction_type, **dict(sampler_options))
-        images = ldm.vae.apply(frozen["vae"], latents / frozen["latent_scale"],
-                               method=ldm.vae.decode)
+        latents = sample(
+            model_fn,
+            noise,
+            ldm.schedule,
+            num_steps,
+            rng,
+            prediction_type=prediction_type,
+            **dict(sampler_options),
+        )
+        images = ldm.vae.apply(
+            frozen["vae"], latents / frozen["latent_scale"], method=ldm.vae.decode
+        )
         return jnp.clip(jnp.round((images + 1.0) * 127.5), 0, 255).astype(jnp.uint8)
 
     repl = sharding_lib.replicated(ldm.mesh)
     batch = sharding_lib.batch_sharding(ldm.mesh)
-    compiled = jax.jit(fn, in_shardings=(repl, repl, batch, batch, batch, batch),
-                       out_shardings=batch)
+    compiled = jax.jit(
+        fn, in_shardings=(repl, repl, batch, batch, batch, batch), out_shardings=batch
+    )
     ldm._compiled[key] = compiled
     return compiled
 
@@ -209,15 +224,21 @@ def generate(
     for start in starts:
         sl = slice(start, start + batch_size)
         pad = batch_size - len(seeds[sl])
-        padded = [np.concatenate([a[sl], np.repeat(a[sl][-1:], pad, axis=0)])
-                  for a in (cond_ids, uncond_ids, guidance, seeds)]
+        padded = [
+            np.concatenate([a[sl], np.repeat(a[sl][-1:], pad, axis=0)])
+            for a in (cond_ids, uncond_ids, guidance, seeds)
+        ]
         images = fn(ldm.params, ldm.frozen, *padded)
         out.append(np.asarray(images)[: batch_size - pad])
     return np.concatenate(out)
 
 
-def save_outputs(images: np.ndarray, records: list[dict], out_dir: str | pathlib.Path,
-                 grid_columns: int | None = None) -> pathlib.Path:
+def save_outputs(
+    images: np.ndarray,
+    records: list[dict],
+    out_dir: str | pathlib.Path,
+    grid_columns: int | None = None,
+) -> pathlib.Path:
     """One PNG per image, `grid.png` and `manifest.json` (one record per image) in out_dir."""
     from ldm_jax.train.images import make_grid, save_png
 
@@ -228,7 +249,8 @@ def save_outputs(images: np.ndarray, records: list[dict], out_dir: str | pathlib
         name = f"{i:05d}.png"
         save_png(image, out_dir / name)
         manifest.append({"file": name, **record})
-    save_png(make_grid(images, grid_columns), out_dir / "grid.png",
-             scale=max(1, 256 // images.shape[1]))
+    save_png(
+        make_grid(images, grid_columns), out_dir / "grid.png", scale=max(1, 256 // images.shape[1])
+    )
     (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return out_dir

@@ -10,7 +10,8 @@ import math
 
 import jax
 import numpy as np
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 
 def make_mesh(mesh_config, devices=None) -> Mesh:
@@ -23,15 +24,18 @@ def make_mesh(mesh_config, devices=None) -> Mesh:
     known = math.prod(s for s in sizes if s != -1)
     if -1 in sizes:
         if len(devices) % known:
-            raise ValueError(f"{len(devices)} devices do not divide into mesh {dict(zip(names, sizes))}")
+            raise ValueError(
+                f"{len(devices)} devices do not divide into mesh {dict(zip(names, sizes))}"
+            )
         sizes[sizes.index(-1)] = len(devices) // known
     if math.prod(sizes) != len(devices):
         raise ValueError(
             f"mesh {dict(zip(names, sizes))} needs {math.prod(sizes)} devices, have {len(devices)}"
         )
     # Auto axes: jit propagates shardings from the declared in/out shardings (GSPMD style).
-    return jax.make_mesh(tuple(sizes), names, axis_types=(AxisType.Auto,) * len(names),
-                         devices=devices)
+    return jax.make_mesh(
+        tuple(sizes), names, axis_types=(AxisType.Auto,) * len(names), devices=devices
+    )
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -12,9 +12,16 @@ os.environ["XLA_FLAGS"] = (
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import pathlib  # noqa: E402
+import pathlib
+import tempfile
 
-import pytest  # noqa: E402
+import jax
+import pytest
+
+# Several tests train the same smoke models (fresh runs, resumed runs): a persistent compilation
+# cache for the session lets identical steps compile once.
+jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="ldm_jax_xla_cache_"))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"

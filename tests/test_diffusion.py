@@ -46,37 +46,47 @@ def model_fn_for(schedule, prediction_type="epsilon"):
 def test_betas_match_diffusers(name, kwargs):
     diffusers = pytest.importorskip("diffusers")
     ref = diffusers.DDPMScheduler(num_train_timesteps=1000, beta_schedule=name, **kwargs)
-    ours = schedules.make_schedule(name, 1000, kwargs.get("beta_start", 1e-4),
-                                   kwargs.get("beta_end", 0.02))
-    np.testing.assert_allclose(np.asarray(ours.alphas_cumprod), ref.alphas_cumprod.numpy(),
-                               rtol=1e-6, atol=1e-7)
+    ours = schedules.make_schedule(
+        name, 1000, kwargs.get("beta_start", 1e-4), kwargs.get("beta_end", 0.02)
+    )
+    np.testing.assert_allclose(
+        np.asarray(ours.alphas_cumprod), ref.alphas_cumprod.numpy(), rtol=1e-6, atol=1e-7
+    )
 
 
 def test_zero_terminal_snr_matches_diffusers():
     diffusers = pytest.importorskip("diffusers")
-    ref = diffusers.DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085,
-                                  beta_end=0.012, rescale_betas_zero_snr=True)
+    ref = diffusers.DDPMScheduler(
+        beta_schedule="scaled_linear",
+        beta_start=0.00085,
+        beta_end=0.012,
+        rescale_betas_zero_snr=True,
+    )
     ours = schedules.make_schedule("scaled_linear", 1000, 0.00085, 0.012, True)
-    np.testing.assert_allclose(np.asarray(ours.alphas_cumprod), ref.alphas_cumprod.numpy(),
-                               rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(
+        np.asarray(ours.alphas_cumprod), ref.alphas_cumprod.numpy(), rtol=1e-5, atol=1e-7
+    )
     assert float(ours.alphas_cumprod[-1]) == 0.0
 
 
 def test_ddim_golden_timesteps():
     # The worked example of diffusers' docs and of Lin et al. 2024, Table 2.
-    np.testing.assert_array_equal(schedules.inference_timesteps(5, 1000, "leading", 1),
-                                  [801, 601, 401, 201, 1])
+    np.testing.assert_array_equal(
+        schedules.inference_timesteps(5, 1000, "leading", 1), [801, 601, 401, 201, 1]
+    )
 
 
-@pytest.mark.parametrize("spacing,offset", [("leading", 0), ("leading", 1), ("trailing", 0),
-                                            ("linspace", 0)])
+@pytest.mark.parametrize(
+    "spacing,offset", [("leading", 0), ("leading", 1), ("trailing", 0), ("linspace", 0)]
+)
 @pytest.mark.parametrize("steps", [5, 25, 50])
 def test_timesteps_match_diffusers(spacing, offset, steps):
     diffusers = pytest.importorskip("diffusers")
     ref = diffusers.DDIMScheduler(timestep_spacing=spacing, steps_offset=offset)
     ref.set_timesteps(steps)
-    np.testing.assert_array_equal(schedules.inference_timesteps(steps, 1000, spacing, offset),
-                                  ref.timesteps.numpy())
+    np.testing.assert_array_equal(
+        schedules.inference_timesteps(steps, 1000, spacing, offset), ref.timesteps.numpy()
+    )
 
 
 def test_bad_names_list_valid_ones():
@@ -107,9 +117,16 @@ def test_ddim_matches_diffusers(prediction_type, spacing, offset):
     """DDIM (eta=0) and diffusers' DDIMScheduler, driven by the same exact model and noise."""
     diffusers = pytest.importorskip("diffusers")
     torch = pytest.importorskip("torch")
-    config = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-                  prediction_type=prediction_type, timestep_spacing=spacing, steps_offset=offset,
-                  clip_sample=False, set_alpha_to_one=True)
+    config = dict(
+        beta_schedule="scaled_linear",
+        beta_start=0.00085,
+        beta_end=0.012,
+        prediction_type=prediction_type,
+        timestep_spacing=spacing,
+        steps_offset=offset,
+        clip_sample=False,
+        set_alpha_to_one=True,
+    )
     schedule = schedules.make_schedule("scaled_linear", 1000, 0.00085, 0.012)
     noise = np.random.default_rng(0).standard_normal((4, 8, 8, 2)).astype(np.float32)
     model_fn = model_fn_for(schedule, prediction_type)
@@ -120,9 +137,17 @@ def test_ddim_matches_diffusers(prediction_type, spacing, offset):
     for t in ref.timesteps:
         out = model_fn(jnp.asarray(x.numpy()), jnp.full((4,), float(t)))
         x = ref.step(torch.from_numpy(np.asarray(out)), t, x).prev_sample
-    ours = jax.jit(lambda n: samplers.ddim(model_fn, n, schedule, 10,
-                                           prediction_type=prediction_type,
-                                           timestep_spacing=spacing, steps_offset=offset))(noise)
+    ours = jax.jit(
+        lambda n: samplers.ddim(
+            model_fn,
+            n,
+            schedule,
+            10,
+            prediction_type=prediction_type,
+            timestep_spacing=spacing,
+            steps_offset=offset,
+        )
+    )(noise)
     np.testing.assert_allclose(np.asarray(ours), x.numpy(), atol=1e-4)
 
 
@@ -133,8 +158,9 @@ def test_ddpm_matches_diffusers_with_shared_noise(monkeypatch):
     from diffusers.schedulers import scheduling_ddpm
 
     schedule = schedules.make_schedule("linear", 1000, 1e-4, 0.02)
-    ref = diffusers.DDPMScheduler(beta_schedule="linear", clip_sample=False,
-                                  variance_type="fixed_small")
+    ref = diffusers.DDPMScheduler(
+        beta_schedule="linear", clip_sample=False, variance_type="fixed_small"
+    )
     steps = 20
     ref.set_timesteps(steps)
     noise = np.random.default_rng(1).standard_normal((3, 4, 4, 2)).astype(np.float32)
@@ -163,8 +189,9 @@ def test_samplers_reach_the_data_distribution(sampler):
     steps = 1000
     schedule = schedules.make_schedule("linear", 1000, 1e-4, 0.02)
     noise = jax.random.normal(jax.random.key(0), (4096, 4))
-    x = samplers.get_sampler(sampler)(model_fn_for(schedule), noise, schedule, steps,
-                                      jax.random.key(1))
+    x = samplers.get_sampler(sampler)(
+        model_fn_for(schedule), noise, schedule, steps, jax.random.key(1)
+    )
     # 16384 draws: the standard error of the mean is S/128 = 0.004, of the std about 0.003.
     assert abs(float(x.mean()) - MU) < 0.02
     assert abs(float(x.std()) - S) < 0.02
@@ -186,3 +213,24 @@ def test_classifier_free_guidance_combines_one_batched_call():
     assert calls == [4, 4, 4]
     per_example = classifier_free_guidance(apply_fn, cond, uncond, jnp.array([0.0, 2.0]))
     np.testing.assert_allclose(per_example(x, jnp.zeros(2)).ravel(), [1.0, 9.0])
+
+
+def test_min_snr_weights():
+    """Min-SNR-gamma (Hang et al. 2023): the weight is min(SNR, gamma) in x0 space, whatever the
+    network predicts. An eps error d is an x0 error d / sqrt(SNR); a v error d is an x0 error
+    d / sqrt(SNR + 1). So weight * SNR (eps) and weight * (SNR + 1) (v) must be min(SNR, gamma)."""
+    abar = jnp.array([0.999, 0.9, 0.5, 0.01])
+    snr = abar / (1 - abar)
+    want_x0 = jnp.minimum(snr, 5.0)
+    np.testing.assert_allclose(
+        objectives.loss_weight(abar, "epsilon", "min_snr") * snr, want_x0, rtol=1e-5
+    )
+    np.testing.assert_allclose(
+        objectives.loss_weight(abar, "v_prediction", "min_snr") * (snr + 1), want_x0, rtol=1e-5
+    )
+    np.testing.assert_allclose(
+        objectives.loss_weight(abar, "sample", "min_snr"), want_x0, rtol=1e-5
+    )
+    np.testing.assert_array_equal(objectives.loss_weight(abar, "epsilon"), jnp.ones(4))
+    with pytest.raises(ValueError, match="min_snr"):
+        objectives.loss_weight(abar, "epsilon", "p2")

@@ -35,8 +35,9 @@ class StepIndexedBatches:
 
     def _permutation(self, epoch: int) -> np.ndarray:
         if epoch not in self._perm_cache:
-            self._perm_cache = {epoch: np.random.default_rng([self.seed, epoch]).permutation(
-                self.num_examples)}
+            self._perm_cache = {
+                epoch: np.random.default_rng([self.seed, epoch]).permutation(self.num_examples)
+            }
         return self._perm_cache[epoch]
 
     def indices(self, step: int) -> np.ndarray:

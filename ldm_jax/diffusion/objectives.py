@@ -57,3 +57,32 @@ def predict_x0_and_eps(model_output, x_t, alpha_bar, prediction_type: str):
     raise ValueError(
         f"unknown prediction_type {prediction_type!r}; valid: {', '.join(PREDICTION_TYPES)}"
     )
+
+
+LOSS_WEIGHTINGS = ("none", "min_snr")
+
+
+def loss_weight(alpha_bar, prediction_type: str, weighting: str = "none", gamma: float = 5.0):
+    """Per-example weight of the MSE to the target, float32[B].
+
+    "min_snr": Min-SNR-gamma (Hang et al. 2023, Eq. 8): the x_0-space weight min(SNR, gamma),
+    expressed for the network's own target (divided by SNR for eps, by SNR + 1 for v). It caps the
+    weight of the low-noise steps, which otherwise dominate and slow convergence.
+    """
+    if weighting == "none":
+        return jnp.ones_like(alpha_bar)
+    if weighting != "min_snr":
+        raise ValueError(
+            f"unknown loss weighting {weighting!r}; valid: {', '.join(LOSS_WEIGHTINGS)}"
+        )
+    snr = alpha_bar / (1.0 - alpha_bar)
+    clipped = jnp.minimum(snr, gamma)
+    if prediction_type == "epsilon":
+        return clipped / snr
+    if prediction_type == "v_prediction":
+        return clipped / (snr + 1.0)
+    if prediction_type == "sample":
+        return clipped
+    raise ValueError(
+        f"unknown prediction_type {prediction_type!r}; valid: {', '.join(PREDICTION_TYPES)}"
+    )

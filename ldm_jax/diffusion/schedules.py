@@ -29,7 +29,9 @@ def make_betas(
         return np.linspace(beta_start, beta_end, n, dtype=np.float64)
     if beta_schedule == "scaled_linear":  # Stable Diffusion: linear in sqrt(beta)
         return np.linspace(beta_start**0.5, beta_end**0.5, n, dtype=np.float64) ** 2
-    if beta_schedule == "squaredcos_cap_v2":  # Nichol & Dhariwal 2021, Eq. 17, betas capped at 0.999
+    if (
+        beta_schedule == "squaredcos_cap_v2"
+    ):  # Nichol & Dhariwal 2021, Eq. 17, betas capped at 0.999
 
         def alpha_bar(t):
             return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2

@@ -286,20 +286,38 @@ def evaluate(
     out = pathlib.Path(out_dir) if out_dir is not None else None
     for scale in guidance_scales:
         start = time.perf_counter()
-        images = generate(ldm, prompts, seeds=seeds, guidance_scale=scale, num_steps=num_steps,
-                          sampler=sampler, batch_size=batch_size)
+        images = generate(
+            ldm,
+            prompts,
+            seeds=seeds,
+            guidance_scale=scale,
+            num_steps=num_steps,
+            sampler=sampler,
+            batch_size=batch_size,
+        )
         seconds = time.perf_counter() - start
-        row = {"guidance": float(scale), **score([analyze(im) for im in images], expanded),
-               "images_per_sec": len(images) / seconds}
+        row = {
+            "guidance": float(scale),
+            **score([analyze(im) for im in images], expanded),
+            "images_per_sec": len(images) / seconds,
+        }
         rows.append(row)
         if out is not None:
-            save_png(make_grid(images, ncols=num_per_prompt), out / f"grid_guidance_{scale:g}.png", 2)
+            save_png(
+                make_grid(images, ncols=num_per_prompt), out / f"grid_guidance_{scale:g}.png", 2
+            )
     table = format_table(rows)
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         (out / "table.md").write_text(table + "\n")
-        settings = dict(num_per_prompt=num_per_prompt, num_steps=num_steps, sampler=sampler,
-                        seed=seed, num_canonical=num_canonical)
-        (out / "results.json").write_text(json.dumps({"settings": settings, "rows": rows},
-                                                     indent=2) + "\n")
+        settings = dict(
+            num_per_prompt=num_per_prompt,
+            num_steps=num_steps,
+            sampler=sampler,
+            seed=seed,
+            num_canonical=num_canonical,
+        )
+        (out / "results.json").write_text(
+            json.dumps({"settings": settings, "rows": rows}, indent=2) + "\n"
+        )
     return {"rows": rows, "table": table}

@@ -37,15 +37,21 @@ def load_data(config, split: str = "train") -> dict[str, np.ndarray]:
     if config.data.name != "shapes":
         raise ValueError(f"unknown dataset {config.data.name!r}; this trainer knows: shapes")
     return shapes_tfds.load_split(
-        split, data_dir=os.path.expanduser(config.data.data_dir), config_name=config.data.config_name
+        split,
+        data_dir=os.path.expanduser(config.data.data_dir),
+        config_name=config.data.config_name,
     )
 
 
 def make_loss_fn(model: AutoencoderKL, loss_config):
     if loss_config.lpips_weight or loss_config.discriminator_weight:
-        raise NotImplementedError("LPIPS and adversarial autoencoder losses are not implemented yet")
+        raise NotImplementedError(
+            "LPIPS and adversarial autoencoder losses are not implemented yet"
+        )
     if loss_config.reconstruction not in ("l1", "l2"):
-        raise ValueError(f"unknown reconstruction loss {loss_config.reconstruction!r}; valid: l1, l2")
+        raise ValueError(
+            f"unknown reconstruction loss {loss_config.reconstruction!r}; valid: l1, l2"
+        )
 
     def loss_fn(params, frozen, batch, rng):
         del frozen
@@ -76,8 +82,9 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> loop.TrainState:
 
     test = load_data(config, "test")["image"][:16]
     reconstruct = jax.jit(
-        lambda params, x: model.apply(params, model.apply(params, x, method=model.encode).mode(),
-                                      method=model.decode)
+        lambda params, x: model.apply(
+            params, model.apply(params, x, method=model.encode).mode(), method=model.decode
+        )
     )
 
     def on_sample(step, state):
@@ -86,5 +93,12 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> loop.TrainState:
         return image_lib.save_png(grid, workdir / "samples" / f"reconstructions_{step:06d}.png", 4)
 
     loss_fn = make_loss_fn(model, config.autoencoder_loss)
-    return loop.run(config, workdir, init_fn=init_fn, loss_fn=loss_fn, batches=batches,
-                    signature=signature(config), on_sample=on_sample)
+    return loop.run(
+        config,
+        workdir,
+        init_fn=init_fn,
+        loss_fn=loss_fn,
+        batches=batches,
+        signature=signature(config),
+        on_sample=on_sample,
+    )

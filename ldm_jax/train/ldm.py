@@ -23,7 +23,7 @@ import numpy as np
 
 from ldm_jax.config import read_config
 from ldm_jax.data.pipeline import StepIndexedBatches
-from ldm_jax.diffusion.objectives import add_noise, training_target
+from ldm_jax.diffusion.objectives import add_noise, loss_weight, training_target
 from ldm_jax.pipeline import LatentDiffusion, generate, latent_size
 from ldm_jax.train import autoencoder as autoencoder_stage
 from ldm_jax.train import images as image_lib
@@ -59,7 +59,9 @@ def load_autoencoder(config):
     want = autoencoder_stage.signature(config)
     have = autoencoder_stage.signature(ae_config)
     if as_json(want) != as_json(have):
-        raise ValueError(f"the autoencoder in {ae_dir} ({have}) does not match this config ({want})")
+        raise ValueError(
+            f"the autoencoder in {ae_dir} ({have}) does not match this config ({want})"
+        )
     checkpointer = Checkpointer(ae_dir, read_only=True)
     step = checkpointer.latest_step()
     if step is None:
@@ -69,8 +71,9 @@ def load_autoencoder(config):
 
 def encode_dataset(vae, vae_params, images: np.ndarray, batch_size: int = 256):
     """Posterior mean and std of every image: float32[N, h, w, c] each."""
-    encode = jax.jit(lambda p, x: vae.apply(p, x.astype(jnp.float32) / 127.5 - 1.0,
-                                            method=vae.encode))
+    encode = jax.jit(
+        lambda p, x: vae.apply(p, x.astype(jnp.float32) / 127.5 - 1.0, method=vae.encode)
+    )
     means, stds = [], []
     for start in range(0, len(images), batch_size):
         posterior = encode(vae_params, images[start : start + batch_size])
@@ -86,7 +89,9 @@ def make_loss_fn(ldm: LatentDiffusion, config, empty_ids: np.ndarray):
         k_z, k_cap, k_drop, k_t, k_eps = jax.random.split(rng, 5)
         mean = batch["latent_mean"]
         b = mean.shape[0]
-        z = (mean + batch["latent_std"] * jax.random.normal(k_z, mean.shape)) * frozen["latent_scale"]
+        z = (mean + batch["latent_std"] * jax.random.normal(k_z, mean.shape)) * frozen[
+            "latent_scale"
+        ]
         canonical = jax.random.bernoulli(k_cap, config.canonical_caption_prob, (b, 1))
         ids = jnp.where(canonical, batch["canonical_ids"], batch["caption_ids"])
         drop = jax.random.bernoulli(k_drop, config.p_uncond, (b, 1))
@@ -95,11 +100,15 @@ def make_loss_fn(ldm: LatentDiffusion, config, empty_ids: np.ndarray):
         t = jax.random.randint(k_t, (b,), 0, schedule.num_train_timesteps)
         noise = jax.random.normal(k_eps, z.shape)
         alpha_bar = schedule.alphas_cumprod[t]
-        pred = ldm.unet.apply(params["unet"], add_noise(z, noise, alpha_bar),
-                              t.astype(jnp.float32), context)
+        pred = ldm.unet.apply(
+            params["unet"], add_noise(z, noise, alpha_bar), t.astype(jnp.float32), context
+        )
         target = training_target(z, noise, alpha_bar, prediction_type)
-        loss = jnp.mean((pred.astype(jnp.float32) - target) ** 2)
-        return loss, {}
+        mse = jnp.mean((pred.astype(jnp.float32) - target) ** 2, axis=(1, 2, 3))
+        weight = loss_weight(
+            alpha_bar, prediction_type, config.loss_weighting, config.min_snr_gamma
+        )
+        return jnp.mean(weight * mse), {"mse": jnp.mean(mse)}
 
     return loss_fn
 
@@ -136,19 +145,33 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> loop.TrainState:
         context = jnp.zeros((1, ldm.tokenizer.context_length, config.text_encoder.hidden_size))
         unet_params = ldm.unet.init(k_unet, jnp.zeros((1, lat, lat, ch)), jnp.zeros((1,)), context)
         frozen = {"vae": vae_params, "latent_scale": jnp.asarray(latent_scale)}
-        return loop.init_state({"unet": unet_params, "text_encoder": text_params}, optimizer, frozen)
+        return loop.init_state(
+            {"unet": unet_params, "text_encoder": text_params}, optimizer, frozen
+        )
 
     # --- Sample grid of fixed prompts with the EMA weights. ---
     prompts = list(config.sample.prompts)
 
     def on_sample(step, state):
         ldm.params, ldm.frozen = state.ema_params, state.frozen
-        images = generate(ldm, prompts, seeds=list(range(len(prompts))),
-                          guidance_scale=config.sample.guidance_scale,
-                          num_steps=config.sample.num_steps, sampler=config.sample.sampler,
-                          batch_size=len(prompts))
+        images = generate(
+            ldm,
+            prompts,
+            seeds=list(range(len(prompts))),
+            guidance_scale=config.sample.guidance_scale,
+            num_steps=config.sample.num_steps,
+            sampler=config.sample.sampler,
+            batch_size=len(prompts),
+        )
         grid = image_lib.make_grid(images, ncols=len(prompts))
         return image_lib.save_png(grid, workdir / "samples" / f"step_{step:06d}.png", 4)
 
-    return loop.run(config, workdir, init_fn=init_fn, loss_fn=make_loss_fn(ldm, config, empty_ids),
-                    batches=batches, signature=signature(config), on_sample=on_sample)
+    return loop.run(
+        config,
+        workdir,
+        init_fn=init_fn,
+        loss_fn=make_loss_fn(ldm, config, empty_ids),
+        batches=batches,
+        signature=signature(config),
+        on_sample=on_sample,
+    )

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import logging
 import pathlib
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax.struct
 import jax
@@ -53,14 +54,20 @@ def make_optimizer(opt_config, num_train_steps: int) -> optax.GradientTransforma
         raise ValueError(f"unknown lr_schedule {opt_config.lr_schedule!r}; valid: cosine, constant")
     return optax.chain(
         optax.clip_by_global_norm(opt_config.grad_clip_norm),
-        optax.adamw(schedule, b1=opt_config.b1, b2=opt_config.b2,
-                    weight_decay=opt_config.weight_decay),
+        optax.adamw(
+            schedule, b1=opt_config.b1, b2=opt_config.b2, weight_decay=opt_config.weight_decay
+        ),
     )
 
 
 def init_state(params, optimizer, frozen=None) -> TrainState:
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=params,
-                      opt_state=optimizer.init(params), frozen=frozen)
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        ema_params=params,
+        opt_state=optimizer.init(params),
+        frozen=frozen,
+    )
 
 
 def make_update_fn(
@@ -83,8 +90,10 @@ def make_update_fn(
         n = state.step.astype(jnp.float32)
         decay = jnp.minimum(ema_decay, (1.0 + n) / (10.0 + n))
         ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params)
-        grad_norm = optax.global_norm(grads)
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.global_norm(params))
+        grad_norm = optax.tree.norm(grads)
+        finite = (
+            jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.tree.norm(params))
+        )
         candidate = state.replace(params=params, ema_params=ema, opt_state=opt_state)
         kept = jax.tree.map(lambda a, b: jnp.where(finite, a, b), candidate, state)
         # The step counts batches consumed, skipped or not, so data and noise stay in step.
@@ -147,8 +156,11 @@ def run(
             state, metrics = update(state, batch)
             if not bool(metrics["finite"]):
                 consecutive_nonfinite += 1
-                log.warning("step %d: non-finite loss/gradients (loss=%s); update skipped",
-                            step, float(metrics["loss"]))
+                log.warning(
+                    "step %d: non-finite loss/gradients (loss=%s); update skipped",
+                    step,
+                    float(metrics["loss"]),
+                )
                 if consecutive_nonfinite >= config.max_consecutive_nonfinite:
                     raise NonFiniteLossError(
                         f"training stopped at step {step}: the loss or gradients were non-finite "

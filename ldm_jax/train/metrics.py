@@ -26,20 +26,30 @@ class MetricWriter:
         self._last = (time.perf_counter(), initial_step)
         if not self.active:
             return
-        self.jsonl = open(workdir / "metrics.jsonl", "a")
+        self.jsonl = _open_log_at(workdir / "metrics.jsonl", initial_step)
         from tqdm import tqdm
 
-        self.bar = tqdm(total=total_steps, initial=initial_step, desc=config.stage,
-                        dynamic_ncols=True, mininterval=1.0)
+        self.bar = tqdm(
+            total=total_steps,
+            initial=initial_step,
+            desc=config.stage,
+            dynamic_ncols=True,
+            mininterval=1.0,
+        )
         mode = config.wandb.mode
         if mode != "disabled":
             os.environ.setdefault("WANDB_SILENT", "true")
             import wandb
 
             self.wandb_run = wandb.init(
-                project=config.wandb.project, entity=config.wandb.entity or None, mode=mode,
-                dir=str(workdir), config=config.to_dict(), resume="allow",
-                id=_run_id(workdir), name=workdir.name,
+                project=config.wandb.project,
+                entity=config.wandb.entity or None,
+                mode=mode,
+                dir=str(workdir),
+                config=config.to_dict(),
+                resume="allow",
+                id=_run_id(workdir),
+                name=workdir.name,
             )
 
     def write_scalars(self, step: int, scalars: dict) -> None:
@@ -82,3 +92,19 @@ def _run_id(workdir: pathlib.Path) -> str:
     if not path.exists():
         path.write_text(os.urandom(6).hex())
     return path.read_text().strip()
+
+
+def _open_log_at(path: pathlib.Path, step: int):
+    """Open the JSONL log for appending after dropping rows past `step`.
+
+    A run that died after its last checkpoint logged steps that the resumed run will redo; keeping
+    them would leave duplicates, so the log always describes one trajectory.
+    """
+    if path.exists():
+        rows = path.read_text().splitlines(keepends=True)
+        kept = [r for r in rows if r.strip() and json.loads(r)["step"] <= step]
+        if len(kept) != len(rows):
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text("".join(kept))
+            tmp.replace(path)
+    return open(path, "a")

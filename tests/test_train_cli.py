@@ -1,0 +1,388 @@
+"""End to end on the smoke config: every CLI command, resume, non-finite losses, bad input.
+
+The two stages are trained once per session (`trained`) and shared by the tests that only read.
+"""
+
+import json
+import logging
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import REPO
+from ldm_jax import cli, pipeline
+from ldm_jax.config import load_config
+from ldm_jax.data.pipeline import StepIndexedBatches
+from ldm_jax.train import autoencoder, ldm, loop
+from ldm_jax.train.checkpointing import Checkpointer
+
+SHAPES = str(REPO / "configs" / "shapes.py")
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("tfds"))
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory, data_dir):
+    """(autoencoder workdir, ldm workdir) trained through the CLI on the smoke config."""
+    root = tmp_path_factory.mktemp("runs")
+    ae, lat = root / "autoencoder", root / "ldm"
+    assert (
+        cli.main(
+            [
+                "train",
+                "--config",
+                SHAPES + ":autoencoder,smoke",
+                "--workdir",
+                str(ae),
+                f"--config.data.data_dir={data_dir}",
+            ]
+        )
+        == 0
+    )
+    assert (
+        cli.main(
+            [
+                "train",
+                "--config",
+                SHAPES + ":ldm,smoke",
+                "--workdir",
+                str(lat),
+                f"--config.data.data_dir={data_dir}",
+                f"--config.autoencoder_workdir={ae}",
+            ]
+        )
+        == 0
+    )
+    return ae, lat
+
+
+def _metrics(workdir):
+    return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_train_writes_checkpoints_metrics_and_samples(trained):
+    ae, lat = trained
+    for workdir in (ae, lat):
+        assert Checkpointer(workdir, read_only=True).latest_step() == 6
+        rows = _metrics(workdir)
+        assert [r["step"] for r in rows] == [2, 4, 6]
+        assert all(np.isfinite(r["loss"]) for r in rows)
+        assert (workdir / "config.json").exists()
+    assert (ae / "samples" / "reconstructions_000006.png").exists()
+    assert (lat / "samples" / "step_000006.png").exists()
+
+
+def test_sample_cli_writes_pngs_grid_and_manifest(trained, tmp_path, caplog, capsys):
+    _, lat = trained
+    out = tmp_path / "samples"
+    long_prompt = "a red circle " * 10  # 131 bytes: longer than the 77-token context
+    with caplog.at_level(logging.WARNING, logger="ldm_jax"):
+        code = cli.main(
+            [
+                "sample",
+                "--workdir",
+                str(lat),
+                "--prompt",
+                "a red circle",
+                "--prompt",
+                long_prompt,
+                "--negative-prompt",
+                "a blue square",
+                "--num-images",
+                "2",
+                "--guidance-scale",
+                "3",
+                "--steps",
+                "3",
+                "--sampler",
+                "ddim",
+                "--seed",
+                "5",
+                "--out",
+                str(out),
+            ]
+        )
+    assert code == 0
+    assert "truncated" in caplog.text
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert len(manifest) == 4
+    assert [m["seed"] for m in manifest] == [5, 6, 7, 8]
+    assert manifest[0] == {
+        "file": "00000.png",
+        "prompt": "a red circle",
+        "negative_prompt": "a blue square",
+        "seed": 5,
+        "sampler": "ddim",
+        "steps": 3,
+        "guidance_scale": 3.0,
+    }
+    for record in manifest:
+        assert (out / record["file"]).exists()
+    assert (out / "grid.png").exists()
+    assert "wrote 4 images" in capsys.readouterr().out
+
+
+def test_sampling_is_reproducible_and_does_not_recompile(trained):
+    _, lat = trained
+    model = pipeline.load_from_workdir(lat)
+    kwargs = dict(num_steps=3, sampler="ddim", batch_size=8)
+    a = pipeline.generate(
+        model, ["a red circle", "a blue square"], seeds=[1, 2], guidance_scale=4.0, **kwargs
+    )
+    b = pipeline.generate(
+        model,
+        ["a green triangle", "a blue square", "a red circle"],
+        seeds=[9, 2, 1],
+        negative_prompts=["x", "", ""],
+        guidance_scale=[1.0, 4.0, 4.0],
+        **kwargs,
+    )
+    # Same (prompt, seed, guidance) -> same image, whatever the batch-mates.
+    np.testing.assert_array_equal(a[0], b[2])
+    np.testing.assert_array_equal(a[1], b[1])
+    (fn,) = model._compiled.values()
+    assert fn._cache_size() == 1  # new prompts, seeds and guidance scales reused the executable
+
+
+def test_ddpm_sampler_and_unknown_sampler(trained, tmp_path, capsys):
+    _, lat = trained
+    model = pipeline.load_from_workdir(lat)
+    images = pipeline.generate(model, ["a red circle"], seeds=[0], num_steps=3, sampler="ddpm")
+    assert images.shape == (1, 32, 32, 3) and images.dtype == np.uint8
+    code = cli.main(
+        [
+            "sample",
+            "--workdir",
+            str(lat),
+            "--prompt",
+            "x",
+            "--sampler",
+            "euler-ish",
+            "--out",
+            str(tmp_path),
+        ]
+    )
+    assert code == 2
+    assert "unknown sampler 'euler-ish'; valid: ddim, ddpm" in capsys.readouterr().err
+
+
+def test_eval_adherence_cli(trained, tmp_path, capsys):
+    _, lat = trained
+    out = tmp_path / "adherence"
+    assert (
+        cli.main(
+            [
+                "eval",
+                "adherence",
+                "--workdir",
+                str(lat),
+                "--guidance-scales",
+                "0",
+                "4",
+                "--num-per-prompt",
+                "1",
+                "--steps",
+                "2",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    printed = capsys.readouterr().out
+    assert "| guidance | n | color | shape | color+shape | position |" in printed
+    results = json.loads((out / "results.json").read_text())
+    assert [r["guidance"] for r in results["rows"]] == [0.0, 4.0]
+    assert results["rows"][0]["n"] == 48  # 24 short + 24 canonical prompts, one image each
+    assert (out / "grid_guidance_4.png").exists() and (out / "table.md").exists()
+
+
+def test_sample_without_checkpoint_says_so(tmp_path, capsys):
+    code = cli.main(
+        [
+            "sample",
+            "--workdir",
+            str(tmp_path / "empty"),
+            "--prompt",
+            "a red circle",
+            "--out",
+            str(tmp_path / "out"),
+        ]
+    )
+    assert code == 2
+    assert "no checkpoint in" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_unknown_config_key_is_named(tmp_path, capsys):
+    code = cli.main(
+        [
+            "train",
+            "--config",
+            SHAPES + ":smoke",
+            "--workdir",
+            str(tmp_path),
+            "--config.unet.block_out_chanels=(8,16)",
+        ]
+    )
+    assert code == 2
+    assert "unknown config key 'unet.block_out_chanels'" in capsys.readouterr().err
+
+
+def test_workdir_of_another_model_is_refused(trained, data_dir, capsys):
+    ae, _ = trained
+    before = sorted(p.name for p in (ae / "checkpoints").iterdir())
+    code = cli.main(
+        [
+            "train",
+            "--config",
+            SHAPES + ":autoencoder,smoke",
+            "--workdir",
+            str(ae),
+            f"--config.data.data_dir={data_dir}",
+            "--config.autoencoder.block_out_channels=(8,8)",
+        ]
+    )
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "does not fit the config" in err and "block_out_channels" in err
+    assert sorted(p.name for p in (ae / "checkpoints").iterdir()) == before
+
+
+def test_ldm_needs_a_matching_autoencoder(trained, data_dir, tmp_path, capsys):
+    ae, _ = trained
+    code = cli.main(
+        [
+            "train",
+            "--config",
+            SHAPES + ":ldm,smoke",
+            "--workdir",
+            str(tmp_path),
+            f"--config.data.data_dir={data_dir}",
+        ]
+    )
+    assert code == 2 and "train the autoencoder first" in capsys.readouterr().err
+    code = cli.main(
+        [
+            "train",
+            "--config",
+            SHAPES + ":ldm,smoke",
+            "--workdir",
+            str(tmp_path),
+            f"--config.data.data_dir={data_dir}",
+            f"--config.autoencoder_workdir={ae}",
+            "--config.autoencoder.latent_channels=3",
+        ]
+    )
+    assert code == 2 and "does not match this config" in capsys.readouterr().err
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def _patch_batches(monkeypatch, fail_at=None, nan_at=None):
+    """Make StepIndexedBatches raise at step `fail_at` or give NaN images at step `nan_at`."""
+    original = StepIndexedBatches.__getitem__
+
+    def getitem(self, step):
+        if step == fail_at:
+            raise _Interrupt(f"simulated crash before step {step}")
+        batch = original(self, step)
+        if step == nan_at:
+            batch = dict(batch, image=np.full(batch["image"].shape, np.nan, np.float32))
+        return batch
+
+    monkeypatch.setattr(StepIndexedBatches, "__getitem__", getitem)
+
+
+def _ae_config(data_dir, **overrides):
+    config = load_config(SHAPES + ":autoencoder,smoke", [f"data.data_dir={data_dir}"])
+    config.log_every = 1
+    config.sample_every = 1000
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    return config
+
+
+def test_resume_gives_the_same_next_step_loss(data_dir, tmp_path, monkeypatch):
+    config = _ae_config(data_dir)
+    straight = autoencoder.train_and_evaluate(config, tmp_path / "straight")
+
+    _patch_batches(monkeypatch, fail_at=4)
+    # Dies before the 5th update: step 4 is logged, the last checkpoint is step 3, so the
+    # resumed run redoes step 4 (and its log row replaces the lost one).
+    with pytest.raises(_Interrupt):
+        autoencoder.train_and_evaluate(config, tmp_path / "resumed")
+    monkeypatch.undo()
+    resumed = autoencoder.train_and_evaluate(config, tmp_path / "resumed")
+
+    a, b = _metrics(tmp_path / "straight"), _metrics(tmp_path / "resumed")
+    assert [r["step"] for r in b] == [1, 2, 3, 4, 5, 6]  # no gap, no duplicate
+    loss_a = {r["step"]: r["loss"] for r in a}
+    loss_b = {r["step"]: r["loss"] for r in b}
+    assert loss_b[4] == loss_a[4]  # the next step after resuming: bit-identical on CPU
+    for x, y in zip(jax.tree.leaves(straight.params), jax.tree.leaves(resumed.params)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_path, monkeypatch):
+    config = _ae_config(data_dir)
+    _patch_batches(monkeypatch, nan_at=4)
+    with pytest.raises(loop.NonFiniteLossError, match="step 4.*last good checkpoint"):
+        autoencoder.train_and_evaluate(config, tmp_path)
+    checkpointer = Checkpointer(tmp_path, read_only=True)
+    assert checkpointer.latest_step() == 3
+    state = checkpointer.restore_raw(3)
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(state["params"]))
+
+
+def test_update_lowers_the_ldm_loss_on_a_fixed_batch():
+    config = load_config(SHAPES + ":ldm,smoke")
+    model = pipeline.LatentDiffusion.from_config(config)
+    rng = np.random.default_rng(0)
+    ids = model.tokenizer(["a red circle", "a blue square", "a small green triangle", ""] * 2)
+    batch = {
+        "latent_mean": rng.standard_normal((8, 16, 16, 4)).astype(np.float32),
+        "latent_std": np.full((8, 16, 16, 4), 0.1, np.float32),
+        "caption_ids": ids,
+        "canonical_ids": ids,
+    }
+    loss_fn = ldm.make_loss_fn(model, config, model.tokenizer([""])[0])
+    optimizer = loop.make_optimizer(config.optimizer, 40)
+    k1, k2 = jax.random.split(jax.random.key(0))
+    params = {
+        "unet": model.unet.init(
+            k1,
+            jnp.zeros((1, 16, 16, 4)),
+            jnp.zeros(1),
+            jnp.zeros((1, 77, config.text_encoder.hidden_size)),
+        ),
+        "text_encoder": model.text_encoder.init(k2, jnp.zeros((1, 77), jnp.int32)),
+    }
+    state = loop.init_state(params, optimizer, frozen={"latent_scale": jnp.float32(1.0)})
+    update = jax.jit(loop.make_update_fn(loss_fn, optimizer, 0.999, seed=0))
+    fixed = jax.random.key(123)  # the same noise and timesteps before and after
+    before = float(loss_fn(state.params, state.frozen, batch, fixed)[0])
+    for _ in range(40):
+        state, metrics = update(state, batch)
+        assert bool(metrics["finite"])
+    after = float(loss_fn(state.params, state.frozen, batch, fixed)[0])
+    assert after < 0.7 * before, (before, after)
+
+
+def test_import_ldm_jax_is_light():
+    code = (
+        "import sys, ldm_jax, ldm_jax.cli, ldm_jax.pipeline, ldm_jax.train.ldm, "
+        "ldm_jax.train.autoencoder, ldm_jax.eval.adherence; "
+        "print(sorted(m for m in ('tensorflow', 'wandb', 'torch') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
