@@ -258,29 +258,12 @@ def test_workdir_of_another_model_is_refused(trained, data_dir, capsys):
 
 def test_ldm_needs_a_matching_autoencoder(trained, data_dir, tmp_path, capsys):
     ae, _ = trained
-    code = cli.main(
-        [
-            "train",
-            "--config",
-            SHAPES + ":ldm,smoke",
-            "--workdir",
-            str(tmp_path),
-            f"--config.data.data_dir={data_dir}",
-        ]
-    )
-    assert code == 2 and "train the autoencoder first" in capsys.readouterr().err
-    code = cli.main(
-        [
-            "train",
-            "--config",
-            SHAPES + ":ldm,smoke",
-            "--workdir",
-            str(tmp_path),
-            f"--config.data.data_dir={data_dir}",
-            f"--config.autoencoder_workdir={ae}",
-            "--config.autoencoder.latent_channels=3",
-        ]
-    )
+    args = ["train", "--config", SHAPES + ":ldm,smoke", "--workdir", str(tmp_path)]
+    args.append(f"--config.data.data_dir={data_dir}")
+    assert cli.main(args) == 2
+    assert "train the autoencoder first" in capsys.readouterr().err
+    code = cli.main([*args, f"--config.autoencoder_workdir={ae}",
+                     "--config.autoencoder.latent_channels=3"])
     assert code == 2 and "does not match this config" in capsys.readouterr().err
 
 
