@@ -262,8 +262,9 @@ def test_ldm_needs_a_matching_autoencoder(trained, data_dir, tmp_path, capsys):
     args.append(f"--config.data.data_dir={data_dir}")
     assert cli.main(args) == 2
     assert "train the autoencoder first" in capsys.readouterr().err
-    code = cli.main([*args, f"--config.autoencoder_workdir={ae}",
-                     "--config.autoencoder.latent_channels=3"])
+    code = cli.main(
+        [*args, f"--config.autoencoder_workdir={ae}", "--config.autoencoder.latent_channels=3"]
+    )
     assert code == 2 and "does not match this config" in capsys.readouterr().err
 
 
@@ -369,3 +370,15 @@ def test_import_ldm_jax_is_light():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_clip_tokenizer_config_builds_a_matching_text_encoder(clip_tokenizer_dir):
+    config = load_config(
+        SHAPES + ":ldm,smoke", ["tokenizer.name=clip", f"tokenizer.path={clip_tokenizer_dir}"]
+    )
+    model = pipeline.LatentDiffusion.from_config(config)
+    assert model.text_encoder.vocab_size == 49408 and model.text_encoder.eos_token_id == 49407
+    ids = model.tokenizer(["a cat sitting on a sunny windowsill", ""])
+    params = jax.eval_shape(model.text_encoder.init, jax.random.key(0), ids)
+    out = jax.eval_shape(model.text_encoder.apply, params, ids)
+    assert out.last_hidden_state.shape == (2, 77, config.text_encoder.hidden_size)

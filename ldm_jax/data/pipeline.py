@@ -1,4 +1,4 @@
-"""Host-side batching of an in-memory dataset, deterministic from (seed, step).
+"""Loading a dataset into host memory, and batching it deterministically from (seed, step).
 
 The batch for step s is a pure function of (seed, s): epoch e = s*B // N uses the permutation
 `default_rng([seed, e])`. A resumed run therefore sees exactly the batches an uninterrupted run
@@ -7,6 +7,8 @@ of the global batch (multi-host data loading).
 """
 
 from __future__ import annotations
+
+import os
 
 import jax
 import numpy as np
@@ -50,3 +52,16 @@ class StepIndexedBatches:
     def __getitem__(self, step: int) -> dict[str, np.ndarray]:
         idx = self.indices(step)
         return {k: v[idx] for k, v in self.arrays.items()}
+
+
+def load_dataset(config, split: str = "train") -> dict[str, np.ndarray]:
+    """The whole split named by `config.data` in memory (images, captions, labels)."""
+    from ldm_jax.data import shapes_tfds  # imports tensorflow: only when data is needed
+
+    if config.data.name != "shapes":
+        raise ValueError(f"unknown dataset {config.data.name!r}; known: shapes")
+    return shapes_tfds.load_split(
+        split,
+        data_dir=os.path.expanduser(config.data.data_dir),
+        config_name=config.data.config_name,
+    )

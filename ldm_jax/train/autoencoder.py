@@ -10,14 +10,13 @@ without changing this file's shape; here only 0 is accepted.
 from __future__ import annotations
 
 import logging
-import os
 import pathlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ldm_jax.data.pipeline import StepIndexedBatches
+from ldm_jax.data.pipeline import StepIndexedBatches, load_dataset
 from ldm_jax.models.vae import AutoencoderKL
 from ldm_jax.pipeline import build_autoencoder
 from ldm_jax.train import images as image_lib
@@ -29,18 +28,6 @@ log = logging.getLogger("ldm_jax")
 def signature(config) -> dict:
     """The config fields that fix the autoencoder's parameter shapes."""
     return {"autoencoder": config.autoencoder.to_dict(), "image_size": config.data.image_size}
-
-
-def load_data(config, split: str = "train") -> dict[str, np.ndarray]:
-    from ldm_jax.data import shapes_tfds  # imports tensorflow: only when data is needed
-
-    if config.data.name != "shapes":
-        raise ValueError(f"unknown dataset {config.data.name!r}; this trainer knows: shapes")
-    return shapes_tfds.load_split(
-        split,
-        data_dir=os.path.expanduser(config.data.data_dir),
-        config_name=config.data.config_name,
-    )
 
 
 def make_loss_fn(model: AutoencoderKL, loss_config):
@@ -69,7 +56,7 @@ def make_loss_fn(model: AutoencoderKL, loss_config):
 
 def train_and_evaluate(config, workdir: str | pathlib.Path) -> loop.TrainState:
     workdir = pathlib.Path(workdir)
-    data = load_data(config)
+    data = load_dataset(config)
     batches = StepIndexedBatches({"image": data["image"]}, config.batch_size, config.seed)
     model = build_autoencoder(config)
     size = config.data.image_size
@@ -80,7 +67,7 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> loop.TrainState:
         params = model.init(jax.random.key(config.seed), x)  # the full forward: encoder + decoder
         return loop.init_state(params, optimizer)
 
-    test = load_data(config, "test")["image"][:16]
+    test = load_dataset(config, "test")["image"][:16]
     reconstruct = jax.jit(
         lambda params, x: model.apply(
             params, model.apply(params, x, method=model.encode).mode(), method=model.decode

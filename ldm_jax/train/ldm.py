@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ldm_jax.config import read_config
-from ldm_jax.data.pipeline import StepIndexedBatches
+from ldm_jax.data.pipeline import StepIndexedBatches, load_dataset
 from ldm_jax.diffusion.objectives import add_noise, loss_weight, training_target
 from ldm_jax.pipeline import LatentDiffusion, generate, latent_size
 from ldm_jax.train import autoencoder as autoencoder_stage
@@ -119,7 +119,7 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> loop.TrainState:
     vae_params = load_autoencoder(config)
 
     # --- Data: latents and token ids, precomputed once. ---
-    data = autoencoder_stage.load_data(config)
+    data = load_dataset(config)
     latent_mean, latent_std = encode_dataset(ldm.vae, vae_params, data["image"])
     sample_rng = np.random.default_rng(config.seed)
     latents = latent_mean + latent_std * sample_rng.standard_normal(latent_mean.shape)
