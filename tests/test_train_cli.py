@@ -382,3 +382,18 @@ def test_clip_tokenizer_config_builds_a_matching_text_encoder(clip_tokenizer_dir
     params = jax.eval_shape(model.text_encoder.init, jax.random.key(0), ids)
     out = jax.eval_shape(model.text_encoder.apply, params, ids)
     assert out.last_hidden_state.shape == (2, 77, config.text_encoder.hidden_size)
+
+
+def test_metric_writer_logs_jsonl_and_wandb_offline(tmp_path):
+    from ldm_jax.train.metrics import MetricWriter
+
+    config = load_config(SHAPES + ":ldm,smoke")
+    config.wandb.mode = "offline"  # the default of the real configs: no login, files only
+    writer = MetricWriter(tmp_path, config, total_steps=4)
+    writer.write_scalars(2, {"loss": jnp.float32(0.5)})
+    writer.write_scalars(4, {"loss": 0.25})
+    writer.close()
+    rows = _metrics(tmp_path)
+    assert [r["step"] for r in rows] == [2, 4] and rows[1]["loss"] == 0.25
+    assert "steps_per_sec" in rows[1]
+    assert list((tmp_path / "wandb").glob("offline-run-*"))
