@@ -1,6 +1,6 @@
 # The two commands of the README:
 #   make demo   installs, then trains the shapes autoencoder and latent diffusion model, samples a
-#               grid and prints the prompt-adherence table (about 15 minutes on a 2-core CPU)
+#               grid and prints the prompt-adherence table (about 16 minutes on a 2-core CPU)
 #   make test   installs, then runs the whole test suite (8 simulated CPU devices)
 PYTHON ?= python3
 VENV := .venv
