@@ -28,37 +28,27 @@ def data_dir(tmp_path_factory):
     return str(tmp_path_factory.mktemp("tfds"))
 
 
+def _train_args(config_arg, workdir, data_dir, *extra):
+    """`ldm-jax train` arguments for configs/shapes.py:<config_arg> with the test's data dir."""
+    return [
+        "train",
+        "--config",
+        f"{SHAPES}:{config_arg}",
+        "--workdir",
+        str(workdir),
+        f"--config.data.data_dir={data_dir}",
+        *extra,
+    ]
+
+
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory, data_dir):
     """(autoencoder workdir, ldm workdir) trained through the CLI on the smoke config."""
     root = tmp_path_factory.mktemp("runs")
     ae, lat = root / "autoencoder", root / "ldm"
+    assert cli.main(_train_args("autoencoder,smoke", ae, data_dir)) == 0
     assert (
-        cli.main(
-            [
-                "train",
-                "--config",
-                SHAPES + ":autoencoder,smoke",
-                "--workdir",
-                str(ae),
-                f"--config.data.data_dir={data_dir}",
-            ]
-        )
-        == 0
-    )
-    assert (
-        cli.main(
-            [
-                "train",
-                "--config",
-                SHAPES + ":ldm,smoke",
-                "--workdir",
-                str(lat),
-                f"--config.data.data_dir={data_dir}",
-                f"--config.autoencoder_workdir={ae}",
-            ]
-        )
-        == 0
+        cli.main(_train_args("ldm,smoke", lat, data_dir, f"--config.autoencoder_workdir={ae}")) == 0
     )
     return ae, lat
 
@@ -239,17 +229,8 @@ def test_unknown_config_key_is_named(tmp_path, capsys):
 def test_workdir_of_another_model_is_refused(trained, data_dir, capsys):
     ae, _ = trained
     before = sorted(p.name for p in (ae / "checkpoints").iterdir())
-    code = cli.main(
-        [
-            "train",
-            "--config",
-            SHAPES + ":autoencoder,smoke",
-            "--workdir",
-            str(ae),
-            f"--config.data.data_dir={data_dir}",
-            "--config.autoencoder.block_out_channels=(8,8)",
-        ]
-    )
+    extra = "--config.autoencoder.block_out_channels=(8,8)"
+    code = cli.main(_train_args("autoencoder,smoke", ae, data_dir, extra))
     assert code == 2
     err = capsys.readouterr().err
     assert "does not fit the config" in err and "block_out_channels" in err
@@ -258,8 +239,7 @@ def test_workdir_of_another_model_is_refused(trained, data_dir, capsys):
 
 def test_ldm_needs_a_matching_autoencoder(trained, data_dir, tmp_path, capsys):
     ae, _ = trained
-    args = ["train", "--config", SHAPES + ":ldm,smoke", "--workdir", str(tmp_path)]
-    args.append(f"--config.data.data_dir={data_dir}")
+    args = _train_args("ldm,smoke", tmp_path, data_dir)
     assert cli.main(args) == 2
     assert "train the autoencoder first" in capsys.readouterr().err
     code = cli.main(
