@@ -44,6 +44,10 @@ def _sample(args, overrides):
 
     if not args.prompt:
         raise ValueError("give at least one --prompt")
+    if args.num_images < 1 or args.steps < 1:
+        raise ValueError(
+            f"--num-images and --steps must be >= 1, got {args.num_images}, {args.steps}"
+        )
     negatives = args.negative_prompt or [""]
     if len(negatives) not in (1, len(args.prompt)):
         raise ValueError(f"give one --negative-prompt, or one per --prompt ({len(args.prompt)})")

@@ -209,6 +209,20 @@ def test_sample_without_checkpoint_says_so(tmp_path, capsys):
     assert code == 2
     assert "no checkpoint in" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+    code = cli.main(
+        [
+            "sample",
+            "--workdir",
+            str(tmp_path),
+            "--prompt",
+            "x",
+            "--num-images",
+            "0",
+            "--out",
+            str(tmp_path / "out"),
+        ]
+    )
+    assert code == 2 and "--num-images and --steps must be >= 1" in capsys.readouterr().err
 
 
 def test_unknown_config_key_is_named(tmp_path, capsys):
