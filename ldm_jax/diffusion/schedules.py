@@ -120,3 +120,54 @@ def inference_timesteps(
             f"unknown timestep_spacing {timestep_spacing!r}; valid: {', '.join(TIMESTEP_SPACINGS)}"
         )
     return ts
+
+
+# --- Sigma space (Karras et al. 2022): x = x_VP / sqrt(abar), sigma = sqrt((1 - abar) / abar). ---
+
+
+def sigmas_from_alphas_cumprod(alphas_cumprod) -> np.ndarray:
+    """float64[T] noise levels of the training timesteps, increasing with t."""
+    acp = np.asarray(alphas_cumprod, np.float64)
+    return np.sqrt((1.0 - acp) / acp)
+
+
+def sigma_to_t(sigma, alphas_cumprod) -> np.ndarray:
+    """Fractional training timestep of each sigma, by linear interpolation of log sigma between
+    the neighbouring integer timesteps (diffusers' `_sigma_to_t`; clipped to [0, T-1]). Host-side."""
+    log_sigmas = np.log(sigmas_from_alphas_cumprod(alphas_cumprod))
+    log_sigma = np.log(np.maximum(np.asarray(sigma, np.float64), 1e-10))
+    dists = log_sigma - log_sigmas[:, None] if log_sigma.ndim else log_sigma - log_sigmas
+    dists = dists.reshape(len(log_sigmas), -1)
+    low = np.clip(np.cumsum(dists >= 0, axis=0).argmax(axis=0), None, len(log_sigmas) - 2)
+    w = np.clip(
+        (log_sigmas[low] - log_sigma.ravel()) / (log_sigmas[low] - log_sigmas[low + 1]), 0, 1
+    )
+    return ((1 - w) * low + w * (low + 1)).reshape(np.shape(sigma))
+
+
+def t_to_sigma(t: jnp.ndarray, schedule: NoiseSchedule) -> jnp.ndarray:
+    """The inverse of `sigma_to_t` inside jitted code: sigma at fractional timesteps t: f32[B],
+    interpolating log sigma linearly between integer timesteps (exact at integers)."""
+    acp = schedule.alphas_cumprod
+    log_sigmas = 0.5 * (jnp.log1p(-acp) - jnp.log(acp))
+    grid = jnp.arange(acp.shape[0], dtype=jnp.float32)
+    return jnp.exp(jnp.interp(t, grid, log_sigmas))
+
+
+def karras_sigmas(num_steps: int, sigma_min: float, sigma_max: float, rho: float = 7.0):
+    """float64[num_steps] decreasing sigmas, Karras et al. 2022, Eq. 5."""
+    ramp = np.linspace(0, 1, num_steps)
+    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    return (hi + ramp * (lo - hi)) ** rho
+
+
+def exponential_sigmas(num_steps: int, sigma_min: float, sigma_max: float):
+    """float64[num_steps] sigmas uniform in log sigma (k-diffusion `get_sigmas_exponential`)."""
+    return np.exp(np.linspace(math.log(sigma_max), math.log(sigma_min), num_steps))
+
+
+def polyexponential_sigmas(num_steps: int, sigma_min: float, sigma_max: float, rho: float = 1.0):
+    """float64[num_steps] sigmas with log sigma polynomial in the step (k-diffusion
+    `get_sigmas_polyexponential`); rho=1 is `exponential_sigmas`."""
+    ramp = np.linspace(1, 0, num_steps) ** rho
+    return np.exp(ramp * (math.log(sigma_max) - math.log(sigma_min)) + math.log(sigma_min))

@@ -1,39 +1,14 @@
-"""Samplers: one signature, a registry by name, the whole loop inside `lax.fori_loop`.
-
-Every sampler is `sampler(model_fn, noise, schedule, num_steps, rng, **options) -> x_0` where
-- model_fn(x_t: f32[B,...], t: f32[B]) -> network output in `prediction_type` (x_t in the VP
-  scaling the network was trained on, t in training-timestep units);
-- noise: standard-normal f32[B,...] initial noise (VP samplers start from it as is);
-- schedule: a `NoiseSchedule`; num_steps: static int; rng: PRNG key (used by stochastic ones).
-Timesteps are computed on the host from the static `num_steps`, so changing the seed, prompts or
-guidance scale reuses the compiled loop.
-"""
+"""DDIM (Song et al. 2021) and ancestral DDPM (Ho et al. 2020) on VP timesteps, as diffusers'
+DDIMScheduler / DDPMScheduler."""
 
 from __future__ import annotations
-
-from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 
 from ldm_jax.diffusion.objectives import predict_x0_and_eps
+from ldm_jax.diffusion.samplers import register
 from ldm_jax.diffusion.schedules import NoiseSchedule, inference_timesteps
-
-SAMPLERS: dict[str, Callable] = {}
-
-
-def register(name: str):
-    def wrap(fn):
-        SAMPLERS[name] = fn
-        return fn
-
-    return wrap
-
-
-def get_sampler(name: str) -> Callable:
-    if name not in SAMPLERS:
-        raise ValueError(f"unknown sampler {name!r}; valid: {', '.join(sorted(SAMPLERS))}")
-    return SAMPLERS[name]
 
 
 def _timestep_pairs(schedule, num_steps, timestep_spacing, steps_offset):

@@ -1,0 +1,5 @@
+"""LCM multistep sampling (Luo et al. 2023), as diffusers' LCMScheduler."""
+
+from __future__ import annotations
+
+from ldm_jax.diffusion.samplers import register  # noqa: F401
