@@ -112,8 +112,16 @@ def test_parameterizations_round_trip(prediction_type):
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
-@pytest.mark.parametrize("spacing,offset", [("leading", 1), ("trailing", 0)])
-def test_ddim_matches_diffusers(prediction_type, spacing, offset):
+@pytest.mark.parametrize(
+    "spacing,offset,extra",
+    [
+        ("leading", 1, {}),
+        ("trailing", 0, {}),
+        # SD 2.x's DDIM config: abar_0 after the last step; pixel-space clipping of x_0.
+        ("leading", 1, dict(set_alpha_to_one=False, clip_sample=True, clip_sample_range=0.8)),
+    ],
+)
+def test_ddim_matches_diffusers(prediction_type, spacing, offset, extra):
     """DDIM (eta=0) and diffusers' DDIMScheduler, driven by the same exact model and noise."""
     diffusers = pytest.importorskip("diffusers")
     torch = pytest.importorskip("torch")
@@ -127,6 +135,7 @@ def test_ddim_matches_diffusers(prediction_type, spacing, offset):
         clip_sample=False,
         set_alpha_to_one=True,
     )
+    config.update(extra)
     schedule = schedules.make_schedule("scaled_linear", 1000, 0.00085, 0.012)
     noise = np.random.default_rng(0).standard_normal((4, 8, 8, 2)).astype(np.float32)
     model_fn = model_fn_for(schedule, prediction_type)
@@ -146,6 +155,7 @@ def test_ddim_matches_diffusers(prediction_type, spacing, offset):
             prediction_type=prediction_type,
             timestep_spacing=spacing,
             steps_offset=offset,
+            **extra,
         )
     )(noise)
     np.testing.assert_allclose(np.asarray(ours), x.numpy(), atol=1e-4)

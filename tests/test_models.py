@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from ldm_jax.convert.naming import torch_key_to_flax_path
 from ldm_jax.models import layers
 from ldm_jax.models.clip import CLIP_VARIANTS, CLIPTextTransformer, clip_from_variant
 from ldm_jax.models.layers import count_params
@@ -18,32 +19,26 @@ KEY = jax.random.key(0)
 # ---------------------------------------------------------------- torch -> flax by name
 def torch_to_flax(module) -> dict:
     """Copy a PyTorch module's parameters into a Flax params tree by the naming convention of
-    these models: `a.b.0.c.weight` -> a/b_0/c/{kernel,scale,embedding}, with layout transposes.
-    (A test-local stand-in for the converter, which is a later issue.)"""
+    these models (`ldm_jax.convert.naming`): `a.b.0.c.weight` -> a/b_0/c/{kernel,scale,embedding},
+    with layout transposes. (The converter proper derives the leaf from the model's own tree.)"""
     params: dict = {}
     for name, value in module.named_parameters():
-        parts = name.split(".")
-        path = []
-        for p in parts[:-1]:
-            if p.isdigit():
-                path[-1] = f"{path[-1]}_{p}"
-            else:
-                path.append(p)
         w = value.detach().numpy()
-        if parts[-1] == "bias":
+        if name.endswith(".bias"):
             leaf = "bias"
         elif w.ndim == 4:
             leaf, w = "kernel", w.transpose(2, 3, 1, 0)  # OIHW -> HWIO
-        elif w.ndim == 2 and "embedding" in path[-1]:
+        elif w.ndim == 2 and "embedding" in name.split(".")[-2]:
             leaf = "embedding"
         elif w.ndim == 2:
             leaf, w = "kernel", w.T  # Linear [out, in] -> Dense [in, out]
         else:
             leaf = "scale"  # GroupNorm / LayerNorm weight
+        *path, last = torch_key_to_flax_path(name, leaf)
         node = params
         for p in path:
             node = node.setdefault(p, {})
-        node[leaf] = jnp.asarray(w)
+        node[last] = jnp.asarray(w)
     return {"params": params}
 
 

@@ -7,9 +7,12 @@ once on the host in float64 and handed to jitted code as float32 constants.
 
 from __future__ import annotations
 
+import json
 import math
+import pathlib
 
 import flax.struct
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -171,3 +174,271 @@ def polyexponential_sigmas(num_steps: int, sigma_min: float, sigma_max: float, r
     `get_sigmas_polyexponential`); rho=1 is `exponential_sigmas`."""
     ramp = np.linspace(1, 0, num_steps) ** rho
     return np.exp(ramp * (math.log(sigma_max) - math.log(sigma_min)) + math.log(sigma_min))
+
+
+def beta_sigmas(
+    num_steps: int, sigma_min: float, sigma_max: float, alpha: float = 0.6, beta: float = 0.6
+):
+    """float64[num_steps] decreasing sigmas at the quantiles of a Beta(alpha, beta) law between
+    sigma_min and sigma_max (Lee et al. 2024, "Beta Sampling is All You Need"; diffusers'
+    `_convert_to_beta`)."""
+    from scipy import stats  # only this optional schedule needs scipy
+
+    ppf = stats.beta.ppf(1 - np.linspace(0, 1, num_steps), alpha, beta)
+    return sigma_min + ppf * (sigma_max - sigma_min)
+
+
+def concrete_alphas_cumprod(schedule: NoiseSchedule) -> np.ndarray:
+    """float64[T] alphas_cumprod on the host, for samplers that precompute their coefficients."""
+    try:
+        return np.array(schedule.alphas_cumprod, np.float64)
+    except jax.errors.TracerArrayConversionError as e:
+        raise ValueError(
+            "this sampler computes its coefficients on the host: the schedule must be a concrete "
+            "NoiseSchedule (close over it instead of passing it as a traced jit argument)"
+        ) from e
+
+
+def k_alphas_cumprod(schedule: NoiseSchedule) -> np.ndarray:
+    """`concrete_alphas_cumprod` for sigma-space samplers: a zero-terminal-SNR schedule has
+    abar = 0 (sigma = inf) at its last step, which diffusers' sigma-space schedulers replace by
+    2**-24 ("close to 0 without being 0 so first sigma is not inf"), and so do we."""
+    acp = concrete_alphas_cumprod(schedule)
+    acp[acp == 0.0] = 2.0**-24
+    return acp
+
+
+def sigma_space_timesteps(
+    num_steps: int,
+    num_train_timesteps: int = 1000,
+    timestep_spacing: str = "linspace",
+    steps_offset: int = 0,
+) -> np.ndarray:
+    """float32[num_steps] decreasing, possibly fractional timesteps of diffusers' sigma-space
+    schedulers (Euler, Heun, LMS, KDPM2, ...): unlike `inference_timesteps`, "linspace" is not
+    rounded (Lin et al. 2024, Table 2)."""
+    n, big_t = num_steps, num_train_timesteps
+    if not 1 <= n <= big_t:
+        raise ValueError(f"num_steps must be in [1, {big_t}], got {n}")
+    if timestep_spacing == "linspace":
+        return np.linspace(0, big_t - 1, n, dtype=np.float32)[::-1].copy()
+    if timestep_spacing == "leading":
+        ts = (np.arange(n) * (big_t // n)).round()[::-1].astype(np.float32)
+        return ts + np.float32(steps_offset)
+    if timestep_spacing == "trailing":
+        return np.arange(big_t, 0, -big_t / n).round().astype(np.float32) - 1
+    raise ValueError(
+        f"unknown timestep_spacing {timestep_spacing!r}; valid: {', '.join(TIMESTEP_SPACINGS)}"
+    )
+
+
+def inference_sigmas(
+    schedule: NoiseSchedule,
+    num_steps: int,
+    *,
+    timestep_spacing: str = "linspace",
+    steps_offset: int = 0,
+    interpolation_type: str = "linear",
+    use_karras_sigmas: bool = False,
+    use_exponential_sigmas: bool = False,
+    use_beta_sigmas: bool = False,
+    sigma_min: float | None = None,
+    sigma_max: float | None = None,
+    final_sigmas_type: str = "zero",
+    round_karras_timesteps: bool = False,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(timesteps float32[N], sigmas float32[N+1]) of diffusers' sigma-space schedulers'
+    `set_timesteps` (EulerDiscreteScheduler and its Heun/LMS/KDPM2/DPMSolverSDE copies).
+
+    sigmas are the training sigmas interpolated linearly in t at the spaced timesteps, optionally
+    replaced by a Karras (Eq. 5 of Karras et al. 2022), exponential or beta schedule between the
+    first and last of them (or `sigma_min`/`sigma_max`), whose timesteps are then `sigma_to_t`;
+    the last sigma is 0 ("zero") or the smallest training sigma ("sigma_min").
+    Quirks kept from diffusers: KDPM2 rounds its Karras timesteps (`round_karras_timesteps`), and
+    `interpolation_type="log_linear"` ignores the timesteps, taking N+1 sigmas log-uniform between
+    the largest and smallest training sigma, so that the last step ends at the smallest training
+    sigma and the appended final sigma is never used (we return the N+1 that are).
+    """
+    if use_karras_sigmas + use_exponential_sigmas + use_beta_sigmas > 1:
+        raise ValueError(
+            "only one of use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas can be set"
+        )
+    acp = k_alphas_cumprod(schedule)
+    train_sigmas = sigmas_from_alphas_cumprod(acp)
+    ts = sigma_space_timesteps(num_steps, len(acp), timestep_spacing, steps_offset)
+    if interpolation_type == "linear":
+        sigmas = np.interp(ts, np.arange(len(acp)), train_sigmas)
+    elif interpolation_type == "log_linear":
+        sigmas = np.exp(
+            np.linspace(np.log(train_sigmas[-1]), np.log(train_sigmas[0]), num_steps + 1)
+        )
+    else:
+        raise ValueError(
+            f"unknown interpolation_type {interpolation_type!r}; valid: linear, log_linear"
+        )
+    lo = sigma_min if sigma_min is not None else float(sigmas[-1])
+    hi = sigma_max if sigma_max is not None else float(sigmas[0])
+    if use_karras_sigmas:
+        sigmas = karras_sigmas(num_steps, lo, hi)
+    elif use_exponential_sigmas:
+        sigmas = exponential_sigmas(num_steps, lo, hi)
+    elif use_beta_sigmas:
+        sigmas = beta_sigmas(num_steps, lo, hi)
+    if use_karras_sigmas or use_exponential_sigmas or use_beta_sigmas:
+        ts = sigma_to_t(sigmas, acp)
+        if use_karras_sigmas and round_karras_timesteps:
+            ts = ts.round()
+    if final_sigmas_type == "zero":
+        last = 0.0
+    elif final_sigmas_type == "sigma_min":
+        last = train_sigmas[0]
+    else:
+        raise ValueError(f"unknown final_sigmas_type {final_sigmas_type!r}; valid: zero, sigma_min")
+    sigmas = np.concatenate([sigmas, [last]])[: num_steps + 1].astype(np.float32)
+    return np.asarray(ts, np.float32), sigmas
+
+
+def init_noise_sigma(sigmas: np.ndarray, timestep_spacing: str) -> float:
+    """diffusers' `init_noise_sigma` of the sigma-space schedulers: sigma_max, or
+    sqrt(sigma_max^2 + 1) for "leading" spacing (whose first timestep is below T - 1)."""
+    top = float(np.max(sigmas))
+    return top if timestep_spacing in ("linspace", "trailing") else (top**2 + 1) ** 0.5
+
+
+# --- Import of a diffusers scheduler_config.json. ---
+#
+# Per diffusers class (0.42): our sampler, the class's own beta-schedule defaults (they differ
+# between classes: a field missing from a config takes the class default, as in diffusers), and
+# the class's other `__init__` fields. Keys a class does not take are ignored, as diffusers'
+# `from_config` ignores them (SD configs carry e.g. `skip_prk_steps` into DDIM/Euler configs).
+_LINEAR = ("linear", 0.0001, 0.02)
+_LINEAR_SD = ("linear", 0.00085, 0.012)
+_BASE = "prediction_type timestep_spacing steps_offset "
+_K = _BASE + "use_karras_sigmas use_exponential_sigmas use_beta_sigmas "
+_THRESH = "thresholding dynamic_thresholding_ratio sample_max_value "
+_CLIP = "clip_sample clip_sample_range "
+_MULTI = _K + _THRESH + "solver_order lower_order_final use_flow_sigmas flow_shift "
+_MULTI += "use_dynamic_shifting time_shift_type final_sigmas_type "
+_DPM = "algorithm_type solver_type lambda_min_clipped variance_type "
+SCHEDULER_CLASSES = {
+    cls: (name, betas, tuple(fields.split()))
+    for cls, name, betas, fields in [
+        ("DDIMScheduler", "ddim", _LINEAR, _BASE + _THRESH + _CLIP + "set_alpha_to_one"),
+        ("DDPMScheduler", "ddpm", _LINEAR, _BASE + _THRESH + _CLIP + "variance_type"),
+        ("PNDMScheduler", "pndm", _LINEAR, _BASE + "skip_prk_steps set_alpha_to_one"),
+        (
+            "EulerDiscreteScheduler",
+            "euler",
+            _LINEAR,
+            _K + "interpolation_type sigma_min sigma_max timestep_type final_sigmas_type",
+        ),
+        ("EulerAncestralDiscreteScheduler", "euler_ancestral", _LINEAR, _BASE),
+        ("HeunDiscreteScheduler", "heun", _LINEAR_SD, _K + _CLIP),
+        ("LMSDiscreteScheduler", "lms", _LINEAR, _K),
+        ("KDPM2DiscreteScheduler", "dpm2", _LINEAR_SD, _K),
+        ("KDPM2AncestralDiscreteScheduler", "dpm2_ancestral", _LINEAR_SD, _K),
+        ("DPMSolverSDEScheduler", "dpmpp_sde", _LINEAR_SD, _K + "noise_sampler_seed"),
+        (
+            "DPMSolverMultistepScheduler",
+            "dpm_solver_multistep",
+            _LINEAR,
+            _MULTI + _DPM + "euler_at_final use_lu_lambdas",
+        ),
+        (  # the singlestep class takes no timestep_spacing / steps_offset
+            "DPMSolverSinglestepScheduler",
+            "dpm_solver_singlestep",
+            _LINEAR,
+            _MULTI.replace("timestep_spacing steps_offset ", "") + _DPM,
+        ),
+        (
+            "UniPCMultistepScheduler",
+            "unipc",
+            _LINEAR,
+            _MULTI + "predict_x0 solver_type disable_corrector solver_p sigma_min sigma_max "
+            "shift_terminal",
+        ),
+        (  # DEIS takes no final_sigmas_type
+            "DEISMultistepScheduler",
+            "deis",
+            _LINEAR,
+            _MULTI.replace("final_sigmas_type ", "") + "algorithm_type solver_type",
+        ),
+        (
+            "LCMScheduler",
+            "lcm",
+            ("scaled_linear", 0.00085, 0.012),
+            _BASE + _THRESH + _CLIP + "original_inference_steps set_alpha_to_one timestep_scaling",
+        ),
+    ]
+}
+# The classes that take `rescale_betas_zero_snr` (the others ignore it).
+_ZERO_SNR_CLASSES = (
+    "DDIMScheduler",
+    "DDPMScheduler",
+    "EulerDiscreteScheduler",
+    "EulerAncestralDiscreteScheduler",
+    "DPMSolverMultistepScheduler",
+    "UniPCMultistepScheduler",
+    "LCMScheduler",
+)
+# Dropped because they change nothing here: the noise seed of DPMSolverSDEScheduler's torchsde
+# Brownian tree (our samplers draw from the rng they are given), and switches that are off (with
+# the parameters only they use). Clipping is off by default in every sampler here; DDIM and DDPM
+# clip by default in diffusers, so a config of theirs that omits clip_sample gets it set (below).
+_IRRELEVANT = ("noise_sampler_seed",)
+_OFF_SWITCHES = {
+    "thresholding": ("dynamic_thresholding_ratio", "sample_max_value"),
+    "clip_sample": ("clip_sample_range",),
+}
+# What our ddim/ddpm do without taking an option for it (diffusers' name and value).
+_IMPLIED = {"ddim": {"set_alpha_to_one": True}, "ddpm": {"variance_type": "fixed_small"}}
+
+
+def sampler_from_scheduler_config(cfg) -> tuple[str, dict, NoiseSchedule]:
+    """(sampler name, options, schedule) meaning what a diffusers `scheduler_config.json` means.
+
+    cfg: the parsed dict, or a path to the json. Options keep diffusers' names and go to the
+    sampler as keyword arguments; one it does not implement fails there with a TypeError naming it
+    (e.g. DDIM's `set_alpha_to_one=False`). PNDMScheduler maps to "pndm", or with `skip_prk_steps`
+    to "plms". `trained_betas` replaces the beta schedule.
+    """
+    if not isinstance(cfg, dict):
+        cfg = json.loads(pathlib.Path(cfg).read_text())
+    cls = cfg.get("_class_name")
+    if cls not in SCHEDULER_CLASSES:
+        raise ValueError(
+            f"unsupported scheduler _class_name {cls!r}; supported: {', '.join(SCHEDULER_CLASSES)}"
+        )
+    name, (beta_schedule, beta_start, beta_end), fields = SCHEDULER_CLASSES[cls]
+
+    get = lambda k, default: default if cfg.get(k) is None else cfg[k]
+    big_t = int(get("num_train_timesteps", 1000))
+    if cfg.get("trained_betas") is not None:
+        betas = np.asarray(cfg["trained_betas"], np.float64)
+        if betas.shape != (big_t,):
+            raise ValueError(f"trained_betas has shape {betas.shape}, expected ({big_t},)")
+    else:
+        betas = make_betas(
+            get("beta_schedule", beta_schedule),
+            big_t,
+            float(get("beta_start", beta_start)),
+            float(get("beta_end", beta_end)),
+        )
+    if cls in _ZERO_SNR_CLASSES and cfg.get("rescale_betas_zero_snr", False):
+        betas = rescale_zero_terminal_snr(betas)
+    schedule = NoiseSchedule(alphas_cumprod=jnp.asarray(np.cumprod(1.0 - betas), jnp.float32))
+
+    options = {k: cfg[k] for k in fields if k in cfg and k not in _IRRELEVANT}
+    if name in ("ddim", "ddpm"):
+        options.setdefault("clip_sample", True)  # diffusers' default for these two classes
+    if name == "pndm" and options.pop("skip_prk_steps", False):
+        name = "plms"
+    options.pop("skip_prk_steps", None)
+    for switch, params in _OFF_SWITCHES.items():
+        if not options.get(switch, False):
+            for k in (switch, *params):
+                options.pop(k, None)
+    for k, v in _IMPLIED.get(name, {}).items():
+        if options.get(k, v) == v:
+            options.pop(k, None)
+    return name, options, schedule

@@ -33,7 +33,8 @@ ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": lambda x: nn.gelu(x, approximat
 
 @flax.struct.dataclass
 class CLIPTextOutput:
-    """last_hidden_state: [B, L, hidden] after final_layer_norm; pooled_output: [B, hidden];
+    """last_hidden_state: [B, L, hidden] after final_layer_norm (of layer N, or of layer
+    N - clip_skip when `clip_skip` was given); pooled_output: [B, hidden] (always from layer N);
     hidden_states: (embeddings, layer_1, ..., layer_N) outputs before the final LN, or None;
     text_embeds: [B, projection_dim] = text_projection(pooled_output), or None."""
 
@@ -189,9 +190,19 @@ class CLIPTextTransformer(nn.Module):
         input_ids: jax.Array,
         attention_mask: jax.Array | None = None,
         output_hidden_states: bool = False,
+        clip_skip: int | None = None,
     ) -> CLIPTextOutput:
         """input_ids: int32[B, L] (L <= max_position_embeddings); attention_mask: [B, L] with 1 for
-        real tokens and 0 for padding (SD does not pass one). Returns a `CLIPTextOutput`."""
+        real tokens and 0 for padding (SD does not pass one). Returns a `CLIPTextOutput`.
+
+        clip_skip: diffusers' meaning for SD 1.x/2.x (`StableDiffusionPipeline.encode_prompt`):
+        skip the last `clip_skip` layers, i.e. `last_hidden_state` is
+        final_layer_norm(hidden_states[-(clip_skip + 1)]); 1 = the penultimate layer. SDXL instead
+        takes `hidden_states[-(clip_skip + 2)]` without the final LN: see
+        `sdxl_prompt_hidden_state`.
+        """
+        if clip_skip is not None and not 0 <= clip_skip < self.num_hidden_layers:
+            raise ValueError(f"clip_skip={clip_skip} outside [0, {self.num_hidden_layers})")
         length = input_ids.shape[1]
         if length > self.max_position_embeddings:
             raise ValueError(f"sequence length {length} > {self.max_position_embeddings}")
@@ -218,13 +229,13 @@ class CLIPTextTransformer(nn.Module):
             self.dtype,
             name="encoder",
         )(h, mask)
-        h = hidden_states[-1]
-        last = nn.LayerNorm(
+        final_layer_norm = nn.LayerNorm(
             epsilon=self.layer_norm_eps,
             dtype=self.dtype,
             param_dtype=PARAM_DTYPE,
             name="final_layer_norm",
-        )(h)
+        )
+        last = final_layer_norm(hidden_states[-1])
         if self.legacy_argmax_pooling:
             index = jnp.argmax(input_ids, axis=-1)
         else:
@@ -234,6 +245,8 @@ class CLIPTextTransformer(nn.Module):
         if self.projection_dim is not None:
             text_embeds = dense(self.projection_dim, self.dtype, "text_projection", False)(pooled)
             text_embeds = text_embeds.astype(jnp.float32)
+        if clip_skip:
+            last = final_layer_norm(hidden_states[-(clip_skip + 1)])
         f32 = lambda x: x.astype(jnp.float32)
         return CLIPTextOutput(
             last_hidden_state=f32(last),
@@ -241,6 +254,19 @@ class CLIPTextTransformer(nn.Module):
             hidden_states=tuple(map(f32, hidden_states)) if output_hidden_states else None,
             text_embeds=text_embeds,
         )
+
+
+def sdxl_prompt_hidden_state(output: CLIPTextOutput, clip_skip: int | None = None) -> jax.Array:
+    """The per-token text conditioning SDXL takes from each of its text encoders (diffusers
+    `StableDiffusionXLPipeline.encode_prompt`): hidden_states[-(clip_skip + 2)], no final LN;
+    clip_skip=None is the penultimate layer. The encoder must run with output_hidden_states=True.
+    Returns float32[B, L, hidden]."""
+    if output.hidden_states is None:
+        raise ValueError("call the text encoder with output_hidden_states=True")
+    index = (clip_skip or 0) + 2
+    if index > len(output.hidden_states):
+        raise ValueError(f"clip_skip={clip_skip} too large for {len(output.hidden_states)} states")
+    return output.hidden_states[-index]
 
 
 # Field dicts of the text encoders of the SD family (transformers `CLIPTextConfig` names).

@@ -148,7 +148,13 @@ class UNet2DConditionModel(nn.Module):
     SDXL's added conditioning (`addition_embed_type="text_time"`): pooled text embeddings [B, 1280]
     and micro-conditioning `time_ids` [B, 6] (original size, crop top-left, target size) are
     embedded as in diffusers (sinusoids of each time id, concatenated with text_embeds,
-    `add_embedding` MLP) and added to the timestep embedding.
+    `add_embedding` MLP) and added to the timestep embedding. The SDXL refiner uses 5 time ids
+    (original size, crop top-left, aesthetic score): `projection_class_embeddings_input_dim`
+    = 1280 + 5 * 256 = 2560.
+
+    Inpainting U-Nets (SD 1.5/2 inpainting, SDXL inpainting) are the same network with
+    `in_channels=9`: noisy latents, the mask downsampled to latent size, and the masked image's
+    latents, concatenated along channels in that order.
     """
 
     in_channels: int = 4
@@ -200,7 +206,8 @@ class UNet2DConditionModel(nn.Module):
           timesteps: float32[B] or scalar, training-timestep units (fractional allowed).
           encoder_hidden_states: float32[B, L, cross_attention_dim] text embeddings.
           train: enables dropout (needs a "dropout" rng when dropout > 0).
-          added_cond_kwargs: SDXL only: {"text_embeds": [B, 1280], "time_ids": [B, 6]}.
+          added_cond_kwargs: SDXL only: {"text_embeds": [B, 1280], "time_ids": [B, 6]} (base)
+            or [B, 5] (refiner: sizes, crop and aesthetic score).
         Returns:
           float32[B, H, W, out_channels].
         """
@@ -348,6 +355,25 @@ UNET_VARIANTS: dict[str, dict[str, Any]] = {
         "addition_time_embed_dim": 256,
         "projection_class_embeddings_input_dim": 2816,
     },
+    # stabilityai/stable-diffusion-xl-refiner-1.0: 2,259,526,660 parameters (diffusers count).
+    # Its config stores upcast_attention null, which diffusers reads as False.
+    "sdxl-refiner": {
+        "down_block_types": (
+            "DownBlock2D",
+            "CrossAttnDownBlock2D",
+            "CrossAttnDownBlock2D",
+            "DownBlock2D",
+        ),
+        "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        "block_out_channels": (384, 768, 1536, 1536),
+        "attention_head_dim": (6, 12, 24, 24),
+        "transformer_layers_per_block": 4,
+        "cross_attention_dim": 1280,
+        "use_linear_projection": True,
+        "addition_embed_type": "text_time",
+        "addition_time_embed_dim": 256,
+        "projection_class_embeddings_input_dim": 2560,
+    },
     # For tests and CPU smoke runs on 8x8x4 latents: 3,193,604 parameters.
     "tiny": {
         "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),
@@ -360,6 +386,18 @@ UNET_VARIANTS: dict[str, dict[str, Any]] = {
         "use_linear_projection": True,
     },
 }
+
+
+# The inpainting checkpoints are their base architecture with 9 input channels
+# (runwayml/stable-diffusion-inpainting: 859,535,364 parameters; SD2 inpainting 865,925,124;
+# SDXL inpainting 2,567,478,084; diffusers counts).
+UNET_VARIANTS["sd15-inpaint"] = {**UNET_VARIANTS["sd15"], "in_channels": 9}
+UNET_VARIANTS["sd2-inpaint"] = {
+    **UNET_VARIANTS["sd21"],
+    "in_channels": 9,
+    "upcast_attention": False,
+}
+UNET_VARIANTS["sdxl-inpaint"] = {**UNET_VARIANTS["sdxl"], "in_channels": 9}
 
 
 def unet_from_variant(name: str, **overrides) -> UNet2DConditionModel:

@@ -239,6 +239,77 @@ class AutoencoderKL(nn.Module):
         return self.decode(z, train), posterior
 
 
+def tile_starts(size: int, tile: int, stride: int) -> list[int]:
+    """Start offsets of tiles of length `tile` covering [0, size) at `stride`; the last tile is
+    moved back to end at `size`, so every tile has the same shape (one compiled decoder)."""
+    if size <= tile:
+        return [0]
+    starts = list(range(0, size - tile + 1, stride))
+    if starts[-1] + tile < size:
+        starts.append(size - tile)
+    return starts
+
+
+def blend_weights(length: int, ramp: int) -> jax.Array:
+    """float32[length]: 1 in the middle, rising linearly over `ramp` pixels at both ends (never 0,
+    so a pixel covered by one tile only keeps that tile's value after normalization)."""
+    i = jnp.arange(length, dtype=jnp.float32) + 0.5
+    if ramp <= 0:
+        return jnp.ones((length,), jnp.float32)
+    return jnp.clip(jnp.minimum(i, length - i) / ramp, 0.0, 1.0)
+
+
+def blend_tiles(tiles: jax.Array, starts_y, starts_x, height: int, width: int, ramp: int):
+    """Overlap-add of tiles [Ty*Tx, B, th, tw, C] placed at (starts_y[i], starts_x[j]) (pixels),
+    each weighted by a separable linear ramp over `ramp` pixels, then normalized by the summed
+    weights. Returns [B, height, width, C]. Tiles that agree on their overlaps blend exactly."""
+    _, b, th, tw, c = tiles.shape
+    weight = blend_weights(th, ramp)[:, None] * blend_weights(tw, ramp)[None, :]
+    out = jnp.zeros((b, height, width, c), jnp.float32)
+    total = jnp.zeros((height, width), jnp.float32)
+    k = 0
+    for y in starts_y:
+        for x in starts_x:
+            out = out.at[:, y : y + th, x : x + tw].add(tiles[k] * weight[None, :, :, None])
+            total = total.at[y : y + th, x : x + tw].add(weight)
+            k += 1
+    return out / total[None, :, :, None]
+
+
+def decode_tiled(
+    vae: AutoencoderKL,
+    params,
+    z: jax.Array,
+    tile_latent_size: int = 64,
+    overlap: float = 0.25,
+) -> jax.Array:
+    """Decode large latents tile by tile, as diffusers' `AutoencoderKL.tiled_decode`: overlapping
+    latent tiles of `tile_latent_size` (64 = 512 px for SD's f=8), decoded one at a time
+    (`lax.map`, so memory is one tile's) and blended linearly across the `overlap` fraction.
+
+    diffusers blends each tile into its upper/left neighbours and crops; here every tile has the
+    same shape and overlapping tiles are averaged with linear-ramp weights, which is the same
+    idea. The result approximates `vae.decode` (the decoder sees less context at tile borders).
+
+    z: float32[B, h, w, latent] unscaled latents -> float32[B, h*f, w*f, out_channels].
+    """
+    b, h, w, _ = z.shape
+    f = vae.downsampling_factor
+    th, tw = min(tile_latent_size, h), min(tile_latent_size, w)
+    overlap_latent = int(round(tile_latent_size * overlap))
+    stride = tile_latent_size - overlap_latent
+    if stride <= 0:
+        raise ValueError(f"overlap={overlap} leaves no stride for tiles of {tile_latent_size}")
+    sy, sx = tile_starts(h, th, stride), tile_starts(w, tw, stride)
+    if len(sy) == len(sx) == 1:
+        return vae.apply(params, z, method=vae.decode)
+    tiles = jnp.stack([z[:, y : y + th, x : x + tw] for y in sy for x in sx])
+    decoded = jax.lax.map(lambda t: vae.apply(params, t, method=vae.decode), tiles)
+    return blend_tiles(
+        decoded, [y * f for y in sy], [x * f for x in sx], h * f, w * f, overlap_latent * f
+    )
+
+
 VAE_VARIANTS: dict[str, dict[str, Any]] = {
     # The SD1/2 VAE (stabilityai/sd-vae-ft-mse layout): 83,653,863 parameters, f = 8.
     "sd": {

@@ -11,16 +11,18 @@ from ldm_jax.diffusion.samplers import register
 from ldm_jax.diffusion.schedules import NoiseSchedule, inference_timesteps
 
 
-def _timestep_pairs(schedule, num_steps, timestep_spacing, steps_offset):
-    """(t, t_prev, abar_t, abar_prev) as f32[num_steps] arrays; abar_prev = 1 past the end."""
+def _timestep_pairs(schedule, num_steps, timestep_spacing, steps_offset, set_alpha_to_one=True):
+    """(t, t_prev, abar_t, abar_prev) as f32[num_steps] arrays; past the end abar_prev is 1
+    (`set_alpha_to_one`) or abar_0 (SD 2.x's DDIM config)."""
     big_t = schedule.num_train_timesteps
     ts = inference_timesteps(num_steps, big_t, timestep_spacing, steps_offset)
     # diffusers' DDIM/DDPM: prev = t - T // N (for "trailing" too), and abar_prev = 1 when prev < 0
-    # (DDIM's set_alpha_to_one=True; DDPM's "one" as well).
+    # (DDIM's set_alpha_to_one=True; DDPM's "one" as well), else abar_0.
     prev = ts - big_t // num_steps
     acp = schedule.alphas_cumprod
     abar_t = acp[jnp.asarray(ts)]
-    abar_prev = jnp.where(jnp.asarray(prev) >= 0, acp[jnp.clip(jnp.asarray(prev), 0)], 1.0)
+    final = 1.0 if set_alpha_to_one else acp[0]
+    abar_prev = jnp.where(jnp.asarray(prev) >= 0, acp[jnp.clip(jnp.asarray(prev), 0)], final)
     return jnp.asarray(ts, jnp.float32), jnp.asarray(prev), abar_t, abar_prev
 
 
@@ -36,9 +38,18 @@ def ddim(
     prediction_type: str = "epsilon",
     timestep_spacing: str = "leading",
     steps_offset: int = 0,
+    set_alpha_to_one: bool = True,
+    clip_sample: bool = False,
+    clip_sample_range: float = 1.0,
 ):
-    """DDIM (Song et al. 2021, Eq. 12); eta=0 is deterministic, eta=1 matches DDPM's variance."""
-    ts, _, abar_t, abar_prev = _timestep_pairs(schedule, num_steps, timestep_spacing, steps_offset)
+    """DDIM (Song et al. 2021, Eq. 12); eta=0 is deterministic, eta=1 matches DDPM's variance.
+
+    `clip_sample` clamps the x_0 estimate to +-clip_sample_range (pixel-space models; diffusers'
+    class default is True, its SD configs set False) and keeps the eps estimate unclipped, as
+    diffusers' DDIMScheduler does without `use_clipped_model_output`."""
+    ts, _, abar_t, abar_prev = _timestep_pairs(
+        schedule, num_steps, timestep_spacing, steps_offset, set_alpha_to_one
+    )
     batch = noise.shape[0]
     if rng is None:
         rng = jax.random.key(0)
@@ -48,6 +59,8 @@ def ddim(
         a, a_prev = abar_t[i], abar_prev[i]
         out = model_fn(x, jnp.full((batch,), ts[i]))
         x0, eps = predict_x0_and_eps(out, x, jnp.full((batch,), a), prediction_type)
+        if clip_sample:
+            x0 = jnp.clip(x0, -clip_sample_range, clip_sample_range)
         sigma = eta * jnp.sqrt((1 - a_prev) / (1 - a)) * jnp.sqrt(1 - a / a_prev)
         key, sub = jax.random.split(key)
         z = jax.random.normal(sub, x.shape, x.dtype)
@@ -70,9 +83,11 @@ def ddpm(
     prediction_type: str = "epsilon",
     timestep_spacing: str = "leading",
     steps_offset: int = 0,
+    clip_sample: bool = False,
+    clip_sample_range: float = 1.0,
 ):
     """Ancestral DDPM (Ho et al. 2020, Eqs. 6-7) on a subsequence of timesteps, as diffusers'
-    DDPMScheduler with `variance_type="fixed_small"` and no sample clipping."""
+    DDPMScheduler with `variance_type="fixed_small"`; `clip_sample` clamps the x_0 estimate."""
     ts, _, abar_t, abar_prev = _timestep_pairs(schedule, num_steps, timestep_spacing, steps_offset)
     batch = noise.shape[0]
 
@@ -81,6 +96,8 @@ def ddpm(
         a, a_prev = abar_t[i], abar_prev[i]
         out = model_fn(x, jnp.full((batch,), ts[i]))
         x0, _ = predict_x0_and_eps(out, x, jnp.full((batch,), a), prediction_type)
+        if clip_sample:
+            x0 = jnp.clip(x0, -clip_sample_range, clip_sample_range)
         alpha = a / a_prev  # the step's own alpha_t between the two kept timesteps
         beta = 1 - alpha
         # Posterior q(x_prev | x_t, x_0) mean and variance, Eq. 7.
