@@ -109,8 +109,22 @@ def get_config(arg=None):
     c.max_consecutive_nonfinite = 1  # stop at the first non-finite loss (the update is skipped)
 
     c.log_every = 50
+    # orbax checkpoints (async saves) in <workdir>/checkpoints: the newest
+    # `max_checkpoints_to_keep`, plus every multiple of `keep_checkpoint_every` (0: none).
     c.checkpoint_every = 400
     c.max_checkpoints_to_keep = 2
+    c.keep_checkpoint_every = 0
+    # Multi-host runs (ldm_jax/distributed.py): empty/0/-1 take the values from the environment
+    # (JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID; see launch/), else from a
+    # cluster JAX detects (TPU pod slice, SLURM, Open MPI) when auto_detect is on.
+    c.distributed = dict(
+        coordinator_address="",  # "host:port" of process 0
+        num_processes=0,
+        process_id=-1,
+        auto_detect=True,
+        initialization_timeout=300,  # seconds to wait for all processes to join
+        cpu_collectives="gloo",  # cross-process collectives of the CPU backend
+    )
     c.sample_every = 800  # sample grid (or reconstructions) of fixed prompts
     c.sample = dict(
         prompts=(

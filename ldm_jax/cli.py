@@ -3,6 +3,9 @@
 ldm-jax train  --config configs/shapes.py[:ARG] --workdir DIR [--config.some.field=value ...]
 ldm-jax sample --workdir DIR --prompt "a red circle" [--prompt ...] [--negative-prompt ...]
                --num-images N --guidance-scale W --steps S --sampler NAME --seed K --out OUTDIR
+ldm-jax sample --pretrained PATH [--tokenizer DIR] --prompt ... [--height H --width W]
+               [--guidance-rescale R] [--init-image IMG [--strength S]] [--mask MASK] --out OUTDIR
+ldm-jax encode --workdir AE_RUN --config configs/shapes.py:ldm --out DIR [--config.a.b=value ...]
 ldm-jax eval adherence --workdir DIR [--guidance-scales 0 4] [--num-per-prompt 8] [--out FILE]
 """
 
@@ -22,6 +25,9 @@ def _train(args, overrides):
     from ldm_jax.config import load_config
 
     config = load_config(args.config, overrides)
+    from ldm_jax import distributed
+
+    distributed.initialize(config)  # joins a multi-host run, if any; before any JAX computation
     if config.stage == "autoencoder":
         from ldm_jax.train.autoencoder import train_and_evaluate
     elif config.stage == "ldm":
@@ -48,11 +54,34 @@ def _sample(args, overrides):
         raise ValueError(
             f"--num-images and --steps must be >= 1, got {args.num_images}, {args.steps}"
         )
+    if (args.workdir is None) == (args.pretrained is None):
+        raise ValueError("give exactly one of --workdir (a run trained here) and --pretrained")
     negatives = args.negative_prompt or [""]
     if len(negatives) not in (1, len(args.prompt)):
         raise ValueError(f"give one --negative-prompt, or one per --prompt ({len(args.prompt)})")
     if len(negatives) == 1:
         negatives = negatives * len(args.prompt)
+    sampler_options = _sampler_options(args.sampler_option)
+    if args.pretrained is not None:
+        return _sample_pretrained(args, negatives, sampler_options)
+    pretrained_only = {
+        "--variant": args.variant,
+        "--tokenizer": args.tokenizer,
+        "--tokenizer-2": args.tokenizer_2,
+        "--height": args.height,
+        "--width": args.width,
+        "--init-image": args.init_image,
+        "--mask": args.mask,
+        "--strength": args.strength,
+        "--clip-skip": args.clip_skip,
+    }
+    given = [k for k, v in pretrained_only.items() if v is not None] + (
+        ["--guidance-rescale"] if args.guidance_rescale else []
+    )
+    if given:
+        raise ValueError(f"{', '.join(given)} only apply with --pretrained")
+    sampler = args.sampler or "ddim"
+    guidance_scale = 4.0 if args.guidance_scale is None else args.guidance_scale
     ldm = pipeline.load_from_workdir(args.workdir)
     prompts, negative_prompts, seeds = [], [], []
     for prompt, negative in zip(args.prompt, negatives):
@@ -66,10 +95,11 @@ def _sample(args, overrides):
         prompts,
         seeds=seeds,
         negative_prompts=negative_prompts,
-        guidance_scale=args.guidance_scale,
+        guidance_scale=guidance_scale,
         num_steps=args.steps,
-        sampler=args.sampler,
-        batch_size=args.batch_size,
+        sampler=sampler,
+        sampler_options=sampler_options,
+        batch_size=args.batch_size or 32,
         progress=True,
     )
     seconds = time.perf_counter() - start
@@ -78,16 +108,104 @@ def _sample(args, overrides):
             "prompt": p,
             "negative_prompt": n,
             "seed": s,
-            "sampler": args.sampler,
+            "sampler": sampler,
             "steps": args.steps,
-            "guidance_scale": args.guidance_scale,
+            "guidance_scale": guidance_scale,
         }
+        | ({"sampler_options": sampler_options} if sampler_options else {})
         for p, n, s in zip(prompts, negative_prompts, seeds)
     ]
     out = pipeline.save_outputs(images, records, args.out, grid_columns=args.num_images)
     print(
         f"wrote {len(images)} images, grid.png and manifest.json to {out} "
         f"({len(images) / seconds:.1f} images/s including compilation)"
+    )
+
+
+def _sampler_options(pairs: list[str]) -> dict:
+    """["eta=0.5", "use_karras_sigmas=True"] -> {"eta": 0.5, "use_karras_sigmas": True}."""
+    import ast
+
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--sampler-option takes KEY=VALUE, got {pair!r}")
+        try:
+            options[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            options[key] = value  # a bare word, e.g. timestep_spacing=trailing
+    return options
+
+
+def _sample_pretrained(args, negatives, sampler_options):
+    """`sample --pretrained`: diffusers' text-to-image / img2img / inpainting semantics."""
+    from ldm_jax import pipeline, sd_pipeline
+
+    if args.mask is not None and args.init_image is None:
+        raise ValueError("--mask needs --init-image (the picture to inpaint)")
+    for flag, path in (("--init-image", args.init_image), ("--mask", args.mask)):
+        if path is not None and not pathlib.Path(path).is_file():
+            raise FileNotFoundError(f"{flag} {path}: no such file")
+    sd = sd_pipeline.StableDiffusion.from_pretrained(
+        args.pretrained,
+        variant=args.variant,
+        tokenizer_dir=args.tokenizer,
+        tokenizer_2_dir=args.tokenizer_2,
+    )
+    sampler = sd_pipeline.resolve_sampler(sd.model.scheduler_config, args.sampler)[0]
+    guidance_scale = 7.5 if args.guidance_scale is None else args.guidance_scale
+    start = time.perf_counter()
+    images = sd_pipeline.generate(
+        sd,
+        args.prompt,
+        negative_prompt=negatives if args.negative_prompt else None,
+        num_inference_steps=args.steps,
+        guidance_scale=guidance_scale,
+        guidance_rescale=args.guidance_rescale,
+        height=args.height,
+        width=args.width,
+        num_images_per_prompt=args.num_images,
+        seed=args.seed,
+        sampler=sampler,
+        sampler_options=sampler_options,
+        clip_skip=args.clip_skip,
+        image=args.init_image,
+        mask_image=args.mask,
+        strength=args.strength,
+        batch_size=args.batch_size or 8,
+        progress=True,
+    )
+    seconds = time.perf_counter() - start
+    records = []
+    for i, (prompt, negative) in enumerate(zip(args.prompt, negatives)):
+        for j in range(args.num_images):
+            record = {
+                "prompt": prompt,
+                "negative_prompt": negative,
+                "seed": args.seed + i * args.num_images + j,
+                "sampler": sampler,
+                "steps": args.steps,
+                "guidance_scale": guidance_scale,
+                "guidance_rescale": args.guidance_rescale,
+                "height": int(images.shape[1]),
+                "width": int(images.shape[2]),
+                "pretrained": str(args.pretrained),
+            }
+            if sampler_options:
+                record["sampler_options"] = sampler_options
+            if args.clip_skip is not None:
+                record["clip_skip"] = args.clip_skip
+            if args.init_image is not None:
+                record["init_image"] = str(args.init_image)
+                record["strength"] = args.strength
+            if args.mask is not None:
+                record["mask"] = str(args.mask)
+            records.append(record)
+    out = pipeline.save_outputs(images, records, args.out, grid_columns=args.num_images)
+    print(
+        f"wrote {len(images)} images, grid.png and manifest.json to {out} "
+        f"({len(images) / seconds:.2f} images/s including loading and compilation)"
     )
 
 
@@ -112,14 +230,40 @@ def _eval_adherence(args, overrides):
     print(f"(saved to {out})")
 
 
-def _add_sampling_args(p, steps=25):
-    p.add_argument("--workdir", required=True, help="an `ldm` training run")
+def _encode(args, overrides):
+    from ldm_jax.config import load_config
+    from ldm_jax.data import latents
+
+    config = load_config(args.config, overrides)
+    start = time.perf_counter()
+    meta = latents.encode(
+        config, args.workdir, args.out, split=args.split, batch_size=args.batch_size
+    )
+    print(
+        f"encoded {meta['num_examples']} examples of {config.data.name}/{args.split} to "
+        f"{args.out} in {time.perf_counter() - start:.1f} s; train on them with "
+        f"--config.data.precomputed_latents_dir={args.out}"
+    )
+
+
+def _add_sampling_args(
+    p, steps=25, workdir_required=True, sampler_default="ddim", batch_default: int | None = 32
+):
+    p.add_argument("--workdir", required=workdir_required, help="an `ldm` training run")
     p.add_argument("--steps", type=int, default=steps, help="denoising steps (network calls)")
     p.add_argument(
-        "--sampler", default="ddim", help="sampler name (see ldm_jax.diffusion.samplers)"
+        "--sampler",
+        default=sampler_default,
+        help="sampler name (see ldm_jax.diffusion.samplers)"
+        + ("" if sampler_default else "; default: ddim, or the checkpoint's scheduler"),
     )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=32, help="images per compiled batch")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=batch_default,
+        help="images per compiled batch" + ("" if batch_default else " (default 32; 8 pretrained)"),
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -133,8 +277,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", required=True, help="checkpoints, metrics and samples go here")
     p.set_defaults(fn=_train, takes_overrides=True)
 
-    p = sub.add_parser("sample", help="text-to-image with a trained model")
-    _add_sampling_args(p)
+    p = sub.add_parser(
+        "sample", help="text-to-image with a model trained here or a pretrained checkpoint"
+    )
+    _add_sampling_args(p, workdir_required=False, sampler_default=None, batch_default=None)
+    p.add_argument(
+        "--pretrained",
+        help="a diffusers folder or a single-file checkpoint (.safetensors / .ckpt) of SD 1.x, "
+        "2.x or XL, instead of --workdir",
+    )
+    p.add_argument("--variant", help="weights variant of a diffusers folder, e.g. fp16")
+    p.add_argument("--tokenizer", help="tokenizer folder for a single-file checkpoint")
+    p.add_argument("--tokenizer-2", help="second tokenizer folder (SDXL single files)")
     p.add_argument("--prompt", action="append", default=[], help="repeat for several prompts")
     p.add_argument(
         "--negative-prompt",
@@ -143,9 +297,37 @@ def build_parser() -> argparse.ArgumentParser:
         help="one for all prompts, or one per --prompt",
     )
     p.add_argument("--num-images", type=int, default=4, help="images per prompt")
-    p.add_argument("--guidance-scale", type=float, default=4.0)
+    p.add_argument(
+        "--sampler-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a sampler option in diffusers' vocabulary, e.g. eta=0.5 or use_karras_sigmas=True",
+    )
+    p.add_argument(
+        "--guidance-scale", type=float, help="default 4 for --workdir, 7.5 for --pretrained"
+    )
+    p.add_argument("--guidance-rescale", type=float, default=0.0, help="Lin et al. 2024 phi")
+    p.add_argument("--height", type=int, help="pixels (default: the checkpoint's)")
+    p.add_argument("--width", type=int, help="pixels (default: the checkpoint's)")
+    p.add_argument("--clip-skip", type=int, help="text-encoder layers to skip (diffusers')")
+    p.add_argument("--init-image", help="img2img / inpainting: the starting picture")
+    p.add_argument(
+        "--strength",
+        type=float,
+        help="img2img: fraction of the steps to run (default 0.8; inpainting 1.0)",
+    )
+    p.add_argument("--mask", help="inpainting mask image: white = repaint")
     p.add_argument("--out", required=True, help="output folder")
     p.set_defaults(fn=_sample)
+
+    p = sub.add_parser("encode", help="precompute a dataset's VAE latents and caption tokens")
+    p.add_argument("--workdir", required=True, help="an autoencoder (or ldm) run: its VAE")
+    p.add_argument("--config", required=True, help="configs/<name>.py[:arg]: data, tokenizer")
+    p.add_argument("--out", required=True, help="output folder (a TFDS dataset and meta.json)")
+    p.add_argument("--split", default="train", choices=("train", "test"))
+    p.add_argument("--batch-size", type=int, default=256, help="images per encoder call")
+    p.set_defaults(fn=_encode, takes_overrides=True)
 
     p = sub.add_parser("eval", help="evaluations")
     eval_sub = p.add_subparsers(dest="evaluation", required=True)
@@ -176,21 +358,25 @@ def main(argv: list[str] | None = None) -> int:
     rest = [a for a in argv if not a.startswith("--config.")]
     args = build_parser().parse_args(rest)
     if overrides and not getattr(args, "takes_overrides", False):
-        build_parser().error(f"--config.* overrides only apply to `train`: {overrides}")
+        build_parser().error(f"--config.* overrides only apply to train/encode: {overrides}")
 
     from ldm_jax.config import ConfigError
     from ldm_jax.pipeline import NoCheckpointError
     from ldm_jax.train.checkpointing import CheckpointMismatchError
-    from ldm_jax.train.loop import NonFiniteLossError
+    from ldm_jax.train.loop import NonFiniteLossError, Preempted
 
     try:
         args.fn(args, overrides)
+    except Preempted as e:  # a clean stop: the state is saved, rerunning resumes
+        print(f"ldm-jax: {e}", file=sys.stderr)
+        return 0
     except (
         ConfigError,
         CheckpointMismatchError,
         NoCheckpointError,
         NonFiniteLossError,
         FileNotFoundError,
+        FileExistsError,
         ValueError,
     ) as e:
         print(f"ldm-jax: error: {e}", file=sys.stderr)

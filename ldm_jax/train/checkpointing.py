@@ -1,8 +1,14 @@
 """orbax checkpoints in `<workdir>/checkpoints`, with a check that they fit the config.
 
-Each checkpoint holds the train state and a JSON `meta` item with the model signature: the config
-fields that determine parameter shapes. Restoring into a config whose signature differs is an
-error naming the fields, instead of orbax's shape error deep inside a restore.
+Each checkpoint holds the train state and a JSON `meta` item with the model signature (the config
+fields that determine parameter shapes) and the data position (what fixes the batches from the
+saved step on). Restoring into a config whose signature or data order differs is an error naming
+the fields, instead of orbax's shape error deep inside a restore or a silently different run.
+
+Saves are asynchronous: `save` returns once the arrays are copied off the devices, and the files
+are written in the background; `close` waits for them. orbax writes each step into
+`<step>.orbax-checkpoint-tmp-<time>` and renames it when complete, so a save cut short by a crash
+leaves only such a directory: `latest_step` never returns it, and the manager deletes it on start.
 """
 
 from __future__ import annotations
@@ -10,6 +16,7 @@ from __future__ import annotations
 import pathlib
 
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 
@@ -18,10 +25,20 @@ class CheckpointMismatchError(ValueError):
 
 
 class Checkpointer:
-    def __init__(self, workdir: pathlib.Path, *, max_to_keep: int = 2, read_only: bool = False):
+    def __init__(
+        self,
+        workdir: pathlib.Path,
+        *,
+        max_to_keep: int | None = 2,
+        keep_period: int | None = None,
+        read_only: bool = False,
+    ):
+        """max_to_keep: newest checkpoints kept (None: all); keep_period: also keep every step
+        that is a multiple of it (None/0: none), e.g. for evaluating a run's history later."""
         self.directory = (pathlib.Path(workdir) / "checkpoints").absolute()
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep,
+            keep_period=keep_period or None,
             create=not read_only,
             read_only=read_only,
             cleanup_tmp_directories=not read_only,  # partial saves of a killed run are removed
@@ -69,6 +86,16 @@ class Checkpointer:
         return restored["state"]
 
     def save(self, step: int, state, meta: dict, *, force: bool = False) -> None:
+        """Start an asynchronous save of `state` (a TrainState) and `meta` (JSON) at `step`.
+
+        Refuses parameters with NaN/inf: the trainer skips non-finite updates, so this only
+        fires on a bug, and then a checkpoint must not silently carry the damage forward.
+        """
+        if not all_finite(state.params):
+            raise NonFiniteCheckpointError(
+                f"refusing to save step {step} to {self.directory}: the parameters hold NaN or "
+                "inf values"
+            )
         self.manager.save(
             step,
             args=ocp.args.Composite(
@@ -77,9 +104,62 @@ class Checkpointer:
             force=force,
         )
 
+    def wait_until_finished(self) -> None:
+        self.manager.wait_until_finished()
+
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+class NonFiniteCheckpointError(RuntimeError):
+    pass
+
+
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+    return jnp.all(jnp.asarray([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+def all_finite(tree) -> bool:
+    """True if no floating-point leaf of `tree` holds NaN or inf."""
+    floats = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return bool(_all_finite(floats)) if floats else True
+
+
+def data_position(batches, step: int) -> dict:
+    """Where the data stands at `step`: saved in the checkpoint meta, checked on restore.
+
+    For `StepIndexedBatches` the batch of step s is a pure function of (seed, s, global batch
+    size, number of examples), so the position is the step itself plus those three: a resumed
+    run with the same values provably sees the batches an uninterrupted run would have seen.
+    """
+    return {
+        "kind": type(batches).__name__,
+        "next_step": int(step),
+        "seed": getattr(batches, "seed", None),
+        "global_batch_size": getattr(batches, "global_batch_size", None),
+        "num_examples": getattr(batches, "num_examples", None),
+    }
+
+
+def check_data_position(saved: dict | None, current: dict, directory, step: int) -> None:
+    """Raise CheckpointMismatchError if resuming at `step` would see other batches than saved."""
+    if saved is None:  # a checkpoint from before data positions were recorded
+        return
+    diffs = [
+        f"{k}: checkpoint {saved.get(k)!r} vs now {current.get(k)!r}"
+        for k in sorted(set(saved) | set(current))
+        if k != "next_step" and saved.get(k) != current.get(k)
+    ]
+    if saved.get("next_step") != step:
+        diffs.append(f"next_step: checkpoint {saved.get('next_step')!r} vs state step {step}")
+    if diffs:
+        raise CheckpointMismatchError(
+            f"resuming from {directory} (step {step}) would change the data order:\n  "
+            + "\n  ".join(diffs)
+            + "\nUse a fresh --workdir, or the seed/batch size/dataset that wrote this checkpoint."
+        )
 
 
 def as_json(value):

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ldm_jax.config import read_config
+from ldm_jax.data import latents as latents_lib
 from ldm_jax.data.pipeline import StepIndexedBatches, load_dataset
 from ldm_jax.diffusion.objectives import add_noise, loss_weight, training_target
 from ldm_jax.pipeline import LatentDiffusion, generate, latent_size
@@ -118,19 +119,23 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> loop.TrainState:
     ldm = LatentDiffusion.from_config(config)
     vae_params = load_autoencoder(config)
 
-    # --- Data: latents and token ids, precomputed once. ---
-    data = load_dataset(config)
-    latent_mean, latent_std = encode_dataset(ldm.vae, vae_params, data["image"])
-    sample_rng = np.random.default_rng(config.seed)
-    latents = latent_mean + latent_std * sample_rng.standard_normal(latent_mean.shape)
-    latent_scale = np.float32(1.0 / latents.std())
+    # --- Data: latents and token ids, computed once here or read from `ldm-jax encode`. ---
+    if config.data.get("precomputed_latents_dir"):
+        arrays = latents_lib.load(config, vae_params)
+    else:
+        data = load_dataset(config)
+        latent_mean, latent_std = encode_dataset(ldm.vae, vae_params, data["image"])
+        canonical = data.get("canonical_caption", data["caption"])  # shapes has two captions
+        arrays = {
+            "latent_mean": latent_mean,
+            "latent_std": latent_std,
+            "caption_ids": ldm.tokenizer(list(data["caption"])),
+            "canonical_ids": ldm.tokenizer(list(canonical)),
+        }
+    latent_scale = latents_lib.latent_scale(
+        arrays["latent_mean"], arrays["latent_std"], config.seed
+    )
     log.info("latent scale factor 1/std = %.5f", latent_scale)
-    arrays = {
-        "latent_mean": latent_mean,
-        "latent_std": latent_std,
-        "caption_ids": ldm.tokenizer(list(data["caption"])),
-        "canonical_ids": ldm.tokenizer(list(data["canonical_caption"])),
-    }
     batches = StepIndexedBatches(arrays, config.batch_size, config.seed)
     empty_ids = ldm.tokenizer([""])[0]
 

@@ -1,14 +1,26 @@
 """What both trainers share: the train state, optimizer, the jitted update and the step loop.
 
 The update is a pure function `(state, batch) -> (state, metrics)` compiled once with explicit
-shardings and the state donated. The per-step PRNG key is `fold_in(seed, step)`, so a resumed run
-draws exactly the noise an uninterrupted run would have drawn.
+shardings and the state donated. The per-step PRNG key is `fold_in(seed, step)` and the batch of a
+step is a pure function of (seed, step), so a resumed run draws exactly the noise and the data an
+uninterrupted run would have drawn: killed at any step and resumed, it ends bit-identical.
+
+Faults the loop handles (see tests/test_faults.py):
+- a non-finite loss, gradient or update: the update is skipped on device, counted
+  (`skipped_updates`), and `max_consecutive_nonfinite` skips in a row stop the run;
+- SIGTERM (a preemption notice): a checkpoint at the next step boundary, then `Preempted`, which
+  the CLI turns into a clean exit; with several processes JAX's preemption sync manager picks the
+  step all of them save at;
+- a crash or SIGKILL: the next run resumes from the last complete checkpoint (orbax ignores and
+  deletes partial ones) and rewinds metrics.jsonl to it.
 """
 
 from __future__ import annotations
 
 import logging
 import pathlib
+import signal
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -17,9 +29,15 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from ldm_jax import distributed
 from ldm_jax import sharding as sharding_lib
 from ldm_jax.config import save_config
-from ldm_jax.train.checkpointing import Checkpointer, abstract_like
+from ldm_jax.train.checkpointing import (
+    Checkpointer,
+    abstract_like,
+    check_data_position,
+    data_position,
+)
 from ldm_jax.train.metrics import MetricWriter
 
 log = logging.getLogger("ldm_jax")
@@ -27,6 +45,10 @@ log = logging.getLogger("ldm_jax")
 
 class NonFiniteLossError(RuntimeError):
     pass
+
+
+class Preempted(Exception):
+    """Raised after a preemption notice once the state is checkpointed: a clean stop, not a failure."""
 
 
 @flax.struct.dataclass
@@ -37,6 +59,8 @@ class TrainState:
     opt_state: Any
     # Values carried with the model but not trained: the LDM stage's frozen VAE and latent scale.
     frozen: Any = None
+    num_skipped: Any = None  # int32 scalar: updates skipped for non-finite values, in total
+    nonfinite_streak: Any = None  # int32 scalar: ... of them in a row up to this step
 
 
 def make_optimizer(opt_config, num_train_steps: int) -> optax.GradientTransformation:
@@ -67,6 +91,8 @@ def init_state(params, optimizer, frozen=None) -> TrainState:
         ema_params=params,
         opt_state=optimizer.init(params),
         frozen=frozen,
+        num_skipped=jnp.zeros((), jnp.int32),
+        nonfinite_streak=jnp.zeros((), jnp.int32),
     )
 
 
@@ -75,8 +101,10 @@ def make_update_fn(
 ):
     """loss_fn(params, frozen, batch, rng) -> (loss, aux metrics) into a pure update step.
 
-    Non-finite losses, gradients or updated parameters skip the update (the state is returned
-    unchanged but for its step count) and report `finite = 0`, so a state -- and so a checkpoint -- never holds NaNs.
+    Non-finite losses, gradients or updated parameters skip the update: the state is returned
+    unchanged but for its step count and skip counters, so a state -- and so a checkpoint -- never
+    holds NaNs. metrics: loss, grad_norm, the aux values, `skipped_updates` (total so far) and
+    `nonfinite_streak` (skips in a row ending at this step), all scalars.
     """
 
     def update(state: TrainState, batch):
@@ -96,12 +124,59 @@ def make_update_fn(
         )
         candidate = state.replace(params=params, ema_params=ema, opt_state=opt_state)
         kept = jax.tree.map(lambda a, b: jnp.where(finite, a, b), candidate, state)
+        skipped = (~finite).astype(jnp.int32)
         # The step counts batches consumed, skipped or not, so data and noise stay in step.
-        new = kept.replace(step=state.step + 1)
-        metrics = {"loss": loss, "grad_norm": grad_norm, "finite": finite, **aux}
+        new = kept.replace(
+            step=state.step + 1,
+            num_skipped=state.num_skipped + skipped,
+            nonfinite_streak=(state.nonfinite_streak + 1) * skipped,
+        )
+        metrics = {
+            "loss": loss,
+            "grad_norm": grad_norm,
+            **aux,
+            "finite": finite,
+            "skipped_updates": new.num_skipped,
+            "nonfinite_streak": new.nonfinite_streak,
+        }
         return new, metrics
 
     return update
+
+
+class PreemptionNotice:
+    """SIGTERM (the notice schedulers send before evicting a job) as a request to stop cleanly.
+
+    One process: a Python SIGTERM handler sets a flag; the previous handler is restored on close.
+    Several processes: `jax.distributed.initialize` starts JAX's preemption sync manager, which
+    catches SIGTERM on whichever host gets it and picks a step every host reaches; orbax's
+    `reached_preemption(step)` asks it. (A Python handler there would replace the manager's.)
+    """
+
+    def __init__(self, checkpointer: Checkpointer):
+        self.checkpointer = checkpointer
+        self.received = False
+        self.multiprocess = jax.process_count() > 1
+        self._installed = False
+        if not self.multiprocess and threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+            self._installed = True
+
+    def _handle(self, signum, frame) -> None:
+        del signum, frame
+        self.received = True
+
+    def reached(self, step: int) -> bool:
+        """True at the step boundary where every process should checkpoint and stop."""
+        if self.multiprocess:
+            return self.checkpointer.manager.reached_preemption(step)
+        return self.received
+
+    def close(self) -> None:
+        if self._installed:
+            previous = self._previous if self._previous is not None else signal.SIG_DFL
+            signal.signal(signal.SIGTERM, previous)
+            self._installed = False
 
 
 def run(
@@ -116,20 +191,32 @@ def run(
 ) -> TrainState:
     """The training loop: restore or init, then update / log / sample / checkpoint until done.
 
-    init_fn() -> a fresh TrainState (host arrays); batches[step] -> host batch dict.
+    init_fn() -> a fresh TrainState (host arrays); batches[step] -> this process's part of the
+    batch of `step` (a dict of arrays, leading dimension = global batch / process count).
+    Raises NonFiniteLossError after `config.max_consecutive_nonfinite` skipped updates in a row,
+    and Preempted after a SIGTERM once the state of the current step boundary is saved.
     """
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     mesh = sharding_lib.make_mesh(config.mesh)
     repl = sharding_lib.replicated(mesh)
 
-    # --- State: shapes first, then restore the latest checkpoint or initialize. ---
+    # --- State: shapes first, then restore the latest complete checkpoint or initialize. ---
     abstract = jax.eval_shape(init_fn)
     state_shardings = jax.tree.map(lambda _: repl, abstract)
-    checkpointer = Checkpointer(workdir, max_to_keep=config.max_checkpoints_to_keep)
+    checkpointer = Checkpointer(
+        workdir,
+        max_to_keep=config.max_checkpoints_to_keep,
+        keep_period=config.get("keep_checkpoint_every", 0),
+    )
     latest = checkpointer.latest_step()
     if latest is not None:
-        state, _ = checkpointer.restore(latest, abstract_like(abstract, state_shardings), signature)
+        state, meta = checkpointer.restore(
+            latest, abstract_like(abstract, state_shardings), signature
+        )
+        check_data_position(
+            meta.get("data"), data_position(batches, latest), checkpointer.directory, latest
+        )
         log.info("resumed from %s at step %d", checkpointer.directory, latest)
     else:
         state = jax.jit(init_fn, out_shardings=state_shardings)()
@@ -143,44 +230,92 @@ def run(
         out_shardings=(state_shardings, repl),
         donate_argnums=(0,),
     )
+    if jax.process_count() > 1 and config.num_train_steps > int(state.step):
+        # Compile before the first collective, then wait for the slowest process (see barrier).
+        first = sharding_lib.global_batch(mesh, batches[int(state.step)])
+        update = update.lower(state, first).compile()
+        distributed.barrier("train_loop_start")
 
     # --- Loop. ---
     start = int(state.step)
     total = config.num_train_steps
     writer = MetricWriter(workdir, config, total, start)
-    meta = {"signature": signature, "stage": config.stage}
-    consecutive_nonfinite = 0
+    preemption = PreemptionNotice(checkpointer)
+    last_saved = latest
+
+    def save(step: int, state: TrainState) -> None:
+        nonlocal last_saved
+        if step != last_saved:
+            meta = {
+                "signature": signature,
+                "stage": config.stage,
+                "data": data_position(batches, step),
+            }
+            checkpointer.save(step, state, meta, force=True)
+            last_saved = step
+
+    def report(done: int, metrics: dict) -> None:
+        """Host-side work on the metrics of update `done` (read one step late, see below)."""
+        values = jax.device_get(metrics)
+        writer.advance(done)
+        streak = int(values["nonfinite_streak"])
+        if done % config.log_every == 0 or done == total or streak:
+            hidden = ("finite", "nonfinite_streak")
+            writer.write_scalars(done, {k: v for k, v in values.items() if k not in hidden})
+        if streak:
+            log.warning(
+                "step %d: non-finite loss/gradients (loss=%s); update skipped (%d so far)",
+                done - 1,
+                float(values["loss"]),
+                int(values["skipped_updates"]),
+            )
+            if streak >= config.max_consecutive_nonfinite:
+                raise NonFiniteLossError(
+                    f"training stopped at step {done - 1}: the loss or gradients were non-finite "
+                    f"{streak} step(s) in a row (loss={float(values['loss'])}). The last good "
+                    f"checkpoint in {checkpointer.directory} is intact (step {last_saved}); "
+                    "lower the learning rate or check the data."
+                )
+        if done == total:
+            log.info(
+                "process %d of %d: step %d loss %r",
+                jax.process_index(),
+                jax.process_count(),
+                done,
+                float(values["loss"]),
+            )
+
+    # The metrics of update s are read after update s+1 is dispatched: reading them at once
+    # would make the host wait for the device every step, and the next batch's loading and
+    # transfer would no longer overlap with the computation.
+    pending = None
     try:
         for step in range(start, total):
+            if preemption.reached(step):
+                if pending is not None:
+                    report(*pending)
+                save(step, state)
+                checkpointer.wait_until_finished()
+                raise Preempted(
+                    f"preemption notice (SIGTERM): saved step {step} of {total} to "
+                    f"{checkpointer.directory}; run the same command again to resume"
+                )
             batch = sharding_lib.global_batch(mesh, batches[step])
             state, metrics = update(state, batch)
-            if not bool(metrics["finite"]):
-                consecutive_nonfinite += 1
-                log.warning(
-                    "step %d: non-finite loss/gradients (loss=%s); update skipped",
-                    step,
-                    float(metrics["loss"]),
-                )
-                if consecutive_nonfinite >= config.max_consecutive_nonfinite:
-                    raise NonFiniteLossError(
-                        f"training stopped at step {step}: the loss or gradients were non-finite "
-                        f"{consecutive_nonfinite} step(s) in a row (loss={float(metrics['loss'])}). "
-                        f"The last good checkpoint in {checkpointer.directory} is intact "
-                        f"(step {checkpointer.latest_step()}); lower the learning rate or check the data."
-                    )
-                continue
-            consecutive_nonfinite = 0
+            if pending is not None:
+                report(*pending)
             done = step + 1
-            writer.advance(done)
-            if done % config.log_every == 0 or done == total:
-                writer.write_scalars(done, {k: v for k, v in metrics.items() if k != "finite"})
+            pending = (done, metrics)
             if on_sample is not None and (done % config.sample_every == 0 or done == total):
                 path = on_sample(done, state)
                 if path is not None:
                     writer.write_image(done, "samples", path)
             if done % config.checkpoint_every == 0 or done == total:
-                checkpointer.save(done, state, meta, force=True)
+                save(done, state)
+        if pending is not None:
+            report(*pending)
     finally:
+        preemption.close()
         checkpointer.close()
         writer.close()
     return state

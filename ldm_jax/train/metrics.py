@@ -98,13 +98,24 @@ def _open_log_at(path: pathlib.Path, step: int):
     """Open the JSONL log for appending after dropping rows past `step`.
 
     A run that died after its last checkpoint logged steps that the resumed run will redo; keeping
-    them would leave duplicates, so the log always describes one trajectory.
+    them would leave duplicates, so the log always describes one trajectory. A row cut short by
+    a kill (no newline, or not JSON) is dropped too.
     """
     if path.exists():
         rows = path.read_text().splitlines(keepends=True)
-        kept = [r for r in rows if r.strip() and json.loads(r)["step"] <= step]
+        kept = [r for r in rows if _row_step(r) is not None and _row_step(r) <= step]
         if len(kept) != len(rows):
             tmp = path.with_suffix(".tmp")
             tmp.write_text("".join(kept))
             tmp.replace(path)
     return open(path, "a")
+
+
+def _row_step(row: str) -> int | None:
+    """The step of a complete JSONL row, or None for a torn or empty one."""
+    if not row.endswith("\n"):
+        return None
+    try:
+        return int(json.loads(row)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None

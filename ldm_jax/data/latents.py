@@ -1,0 +1,283 @@
+"""Precomputed latents: a dataset's images encoded once by the trained VAE, read by the ldm stage.
+
+  ldm-jax encode --workdir runs/shapes/autoencoder --config configs/shapes.py:ldm --out DIR
+  ldm-jax train --config configs/shapes.py:ldm --workdir runs/shapes/ldm \
+      --config.autoencoder_workdir=runs/shapes/autoencoder --config.data.precomputed_latents_dir=DIR
+
+`encode` writes, for every example of the split, the VAE posterior's mean and std
+(float32[h, w, c] each: the ldm stage samples z ~ N(mean, std^2) at every step, Sec. 3 of Rombach
+et al. 2022, as `ldm.encode_dataset` does in memory) and the captions' token ids (int32[context]).
+Token ids rather than text embeddings: the ldm stage trains its text encoder jointly with the U-Net
+(as LDM's text-to-image model did), so embeddings computed now would be stale after one step. A
+frozen text encoder (fine-tuning a pretrained model) could store embeddings instead; not done here.
+
+The arrays are written as .npy files (memory-mapped, so the encoder streams over the dataset),
+then turned into a TFDS dataset by the `PrecomputedLatents` builder (array_record, random access)
+in `DIR/tfds`; `DIR/meta.json` records what produced them (VAE fingerprint, tokenizer, dataset),
+and `load` refuses latents from another VAE or tokenizer than the config's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import pathlib
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+log = logging.getLogger("ldm_jax")
+
+VERSION = "1.0.0"
+COLUMNS = ("latent_mean", "latent_std", "caption_ids", "canonical_ids")
+# The latent scale (1/std of sampled latents, LDM Sec. 4.3.2) is estimated from at most this many
+# examples in stored order: all of them for the shapes data (24,000), a bounded read for ImageNet.
+MAX_SCALE_EXAMPLES = 65_536
+
+
+def latent_scale(latent_mean, latent_std, seed: int, max_examples: int = MAX_SCALE_EXAMPLES):
+    """1 / std of z ~ N(mean, std^2) over the first examples: float32 scalar.
+
+    latent_mean, latent_std: float32[N, h, w, c] (numpy arrays or lazy columns).
+    The noise is `default_rng(seed).standard_normal`, so the value is a function of the data and
+    the seed alone (the same with images encoded in the trainer or read from `encode`'s output).
+    """
+    n = min(len(latent_mean), max_examples)
+    mean, std = np.asarray(latent_mean[:n]), np.asarray(latent_std[:n])
+    latents = mean + std * np.random.default_rng(seed).standard_normal(mean.shape)
+    return np.float32(1.0 / latents.std())
+
+
+def vae_fingerprint(params) -> str:
+    """sha256 (16 hex digits) over the VAE parameters' paths, shapes, dtypes and bytes."""
+    digest = hashlib.sha256()
+    for path, leaf in sorted(
+        jax.tree_util.tree_flatten_with_path(params)[0], key=lambda kv: jax.tree_util.keystr(kv[0])
+    ):
+        value = np.asarray(leaf)
+        digest.update(f"{jax.tree_util.keystr(path)}{value.shape}{value.dtype}".encode())
+        digest.update(np.ascontiguousarray(value).tobytes())
+    return digest.hexdigest()[:16]
+
+
+def load_vae(workdir: str | os.PathLike):
+    """(run config, VAE params) of an `autoencoder` run (EMA weights) or an `ldm` run (its VAE)."""
+    from ldm_jax.config import read_config
+    from ldm_jax.train.checkpointing import Checkpointer
+
+    workdir = pathlib.Path(workdir)
+    if not (workdir / "config.json").exists():
+        raise FileNotFoundError(f"no training run in {workdir} (config.json missing)")
+    run_config = read_config(workdir / "config.json")
+    step = Checkpointer(workdir, read_only=True).latest_step()
+    if step is None:
+        raise FileNotFoundError(f"no checkpoint in {workdir / 'checkpoints'}")
+    state = Checkpointer(workdir, read_only=True).restore_raw(step)
+    if run_config.stage == "autoencoder":
+        return run_config, state["ema_params"]
+    if run_config.stage == "ldm":
+        return run_config, state["frozen"]["vae"]
+    raise ValueError(f"{workdir} holds a {run_config.stage!r} run; need autoencoder or ldm")
+
+
+def encode(
+    config,
+    workdir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    split: str = "train",
+    batch_size: int = 256,
+    keep_arrays: bool = False,
+) -> dict:
+    """Encodes `config`'s dataset split with the VAE of run `workdir` into `out_dir`; its meta.
+
+    The VAE must match `config.autoencoder` and `config.data.image_size`. Captions are tokenized
+    with `config.tokenizer`; datasets without a second caption store `canonical_ids` =
+    `caption_ids`. Returns the meta dict also written to `out_dir/meta.json`.
+    """
+    from ldm_jax.data.pipeline import load_dataset
+    from ldm_jax.data.tokenizers import get_tokenizer
+    from ldm_jax.pipeline import build_autoencoder
+    from ldm_jax.train import autoencoder as autoencoder_stage
+    from ldm_jax.train.checkpointing import as_json
+
+    out_dir = pathlib.Path(out_dir)
+    if (out_dir / "meta.json").exists():
+        raise FileExistsError(f"{out_dir} already holds encoded latents; choose another --out")
+    run_config, vae_params = load_vae(workdir)
+    want, have = autoencoder_stage.signature(config), autoencoder_stage.signature(run_config)
+    if as_json(want) != as_json(have):
+        raise ValueError(f"the VAE in {workdir} ({have}) does not match this config ({want})")
+    tokenizer = get_tokenizer(
+        config.tokenizer.name, config.tokenizer.path or None, config.tokenizer.context_length
+    )
+    data = load_dataset(config, split)
+    images = data["image"]
+    n = len(images)
+    vae = build_autoencoder(config)
+    # The same function as `ldm.encode_dataset`: pixels in [-1, 1] -> posterior (mean, std).
+    encode_fn = jax.jit(
+        lambda p, x: vae.apply(p, x.astype(jnp.float32) / 127.5 - 1.0, method=vae.encode)
+    )
+    size, ch = config.data.image_size, config.autoencoder.latent_channels
+    lat = jax.eval_shape(encode_fn, vae_params, jax.ShapeDtypeStruct((1, size, size, 3), jnp.uint8))
+    latent_shape = tuple(lat.mean.shape[1:])
+    arrays_dir = out_dir / "arrays"
+    arrays_dir.mkdir(parents=True, exist_ok=True)
+    length = tokenizer.context_length
+    shapes = {"latent_mean": latent_shape, "latent_std": latent_shape}
+    shapes.update(caption_ids=(length,), canonical_ids=(length,))
+    out = {
+        key: np.lib.format.open_memmap(
+            arrays_dir / f"{key}.npy",
+            mode="w+",
+            dtype=np.float32 if key.startswith("latent") else np.int32,
+            shape=(n, *shape),
+        )
+        for key, shape in shapes.items()
+    }
+    canonical = data.get("canonical_caption", data["caption"])
+    for start in range(0, n, batch_size):
+        stop = min(start + batch_size, n)
+        batch = np.asarray(images[start:stop])
+        pad = batch_size - len(batch)  # one compiled shape: pad the last batch, drop the pad
+        if pad:
+            batch = np.concatenate([batch, np.repeat(batch[-1:], pad, axis=0)])
+        posterior = encode_fn(vae_params, batch)
+        out["latent_mean"][start:stop] = np.asarray(posterior.mean)[: stop - start]
+        out["latent_std"][start:stop] = np.asarray(posterior.std)[: stop - start]
+        out["caption_ids"][start:stop] = tokenizer(list(data["caption"][start:stop]))
+        out["canonical_ids"][start:stop] = tokenizer(list(canonical[start:stop]))
+        log.info("encoded %d / %d examples", stop, n)
+    for array in out.values():
+        array.flush()
+    del out
+    meta = {
+        "num_examples": n,
+        "split": split,
+        "latent_shape": list(latent_shape),
+        "latent_channels": ch,
+        "context_length": length,
+        "dataset": {
+            k: v for k, v in config.data.to_dict().items() if k != "precomputed_latents_dir"
+        },
+        "autoencoder_signature": as_json(want),
+        "tokenizer": config.tokenizer.to_dict(),
+        "vae_fingerprint": vae_fingerprint(vae_params),
+        "vae_workdir": os.fspath(pathlib.Path(workdir).absolute()),
+        "text": "caption token ids (the ldm stage trains its text encoder; no embeddings stored)",
+    }
+    builder = make_builder(out_dir, meta, arrays_dir)
+    builder.download_and_prepare(file_format="array_record")
+    if not keep_arrays:
+        shutil.rmtree(arrays_dir)
+    (out_dir / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    log.info("wrote %d precomputed latents %s to %s", n, latent_shape, out_dir)
+    return meta
+
+
+def make_builder(out_dir: pathlib.Path, meta: dict, arrays_dir: pathlib.Path | None = None):
+    """The `PrecomputedLatents` TFDS builder of `out_dir` (its data in `out_dir/tfds`)."""
+    import tensorflow_datasets as tfds
+
+    @dataclasses.dataclass
+    class LatentsConfig(tfds.core.BuilderConfig):
+        latent_shape: tuple = ()
+        context_length: int = 77
+        arrays_dir: str = ""
+        split: str = "train"
+
+    class PrecomputedLatents(tfds.core.GeneratorBasedBuilder):
+        """VAE posterior mean/std and caption token ids, written by `ldm_jax.data.latents`."""
+
+        VERSION = tfds.core.Version(VERSION)
+
+        def _info(self):
+            shape, length = (
+                tuple(self.builder_config.latent_shape),
+                self.builder_config.context_length,
+            )
+            return self.dataset_info_from_configs(
+                description=__doc__,
+                features=tfds.features.FeaturesDict(
+                    {
+                        "latent_mean": tfds.features.Tensor(shape=shape, dtype=np.float32),
+                        "latent_std": tfds.features.Tensor(shape=shape, dtype=np.float32),
+                        "caption_ids": tfds.features.Tensor(shape=(length,), dtype=np.int32),
+                        "canonical_ids": tfds.features.Tensor(shape=(length,), dtype=np.int32),
+                    }
+                ),
+                disable_shuffling=True,  # the dataset's own order: example i is image i
+                metadata=tfds.core.MetadataDict(meta),
+            )
+
+        def _split_generators(self, dl_manager):
+            del dl_manager
+            return {self.builder_config.split: self._generate_examples()}
+
+        def _generate_examples(self):
+            root = pathlib.Path(self.builder_config.arrays_dir)
+            arrays = {k: np.load(root / f"{k}.npy", mmap_mode="r") for k in COLUMNS}
+            for i in range(len(arrays["latent_mean"])):
+                yield i, {k: np.asarray(v[i]) for k, v in arrays.items()}
+
+    config = LatentsConfig(
+        name="default",
+        latent_shape=tuple(meta["latent_shape"]),
+        context_length=meta["context_length"],
+        arrays_dir=os.fspath(arrays_dir or ""),
+        split=meta["split"],
+    )
+    logging.getLogger("absl").setLevel(logging.ERROR)  # "Using custom data configuration"
+    return PrecomputedLatents(config=config, data_dir=os.fspath(out_dir / "tfds"))
+
+
+def load(config, vae_params, *, in_memory: bool | None = None):
+    """The latents in `config.data.precomputed_latents_dir`, checked against config and VAE.
+
+    Returns {column: float32[N, h, w, c] / int32[N, context]} in memory, or (in_memory False) a
+    `RecordTable` whose columns are read on demand by example index.
+    """
+    import tensorflow_datasets as tfds
+
+    from ldm_jax.data.pipeline import RecordTable
+    from ldm_jax.train import autoencoder as autoencoder_stage
+    from ldm_jax.train.checkpointing import as_json
+
+    out_dir = pathlib.Path(os.path.expanduser(config.data.precomputed_latents_dir))
+    if not (out_dir / "meta.json").exists():
+        raise FileNotFoundError(
+            f"no precomputed latents in {out_dir} (meta.json missing): write them with "
+            f"`ldm-jax encode --workdir <autoencoder run> --config <config> --out {out_dir}`"
+        )
+    meta = json.loads((out_dir / "meta.json").read_text())
+    checks = {
+        "autoencoder": (
+            meta["autoencoder_signature"],
+            as_json(autoencoder_stage.signature(config)),
+        ),
+        "tokenizer": (meta["tokenizer"], config.tokenizer.to_dict()),
+        "VAE parameters": (meta["vae_fingerprint"], vae_fingerprint(vae_params)),
+    }
+    for what, (stored, wanted) in checks.items():
+        if as_json(stored) != as_json(wanted):
+            raise ValueError(
+                f"the latents in {out_dir} were made with another {what} ({stored}) than this "
+                f"run's ({wanted}); encode again with the config's autoencoder_workdir"
+            )
+    builder = tfds.builder_from_directory(
+        os.fspath(out_dir / "tfds" / "precomputed_latents" / "default" / VERSION)
+    )
+    source = builder.as_data_source(meta["split"])
+
+    def convert(example, columns):
+        return {c: example[c] for c in columns}
+
+    table = RecordTable(source, convert, COLUMNS)
+    in_memory = config.data.get("in_memory", True) if in_memory is None else in_memory
+    return table.to_numpy(chunk=4096) if in_memory else table
