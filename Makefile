@@ -1,7 +1,8 @@
 # The two commands of the README:
 #   make demo   installs, then trains the shapes autoencoder and latent diffusion model, samples a
 #               grid and prints the prompt-adherence table (about 16 minutes on a 2-core CPU)
-#   make test   installs, then runs the whole test suite (8 simulated CPU devices)
+#   make test   installs, then runs the whole test suite (8 simulated CPU devices, two pytest
+#               workers: the suite is bound by single-threaded XLA compilation; ~21 min)
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -39,7 +40,7 @@ demo: install
 	$(BIN)/ldm-jax eval adherence --workdir $(RUNS)/ldm --guidance-scales 0 4 --steps 25
 
 test: install-test
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 clean:
 	rm -rf $(RUNS)

@@ -41,7 +41,25 @@ def get_config(arg=None):
         data_dir="~/tensorflow_datasets",
         image_size=64 if big else 32,
     )
-    c.mesh = dict(data=-1)  # data parallel over every device; -1 means "the rest"
+    # Sharding (ldm_jax/sharding.py): mesh axes data / fsdp / tensor, -1 = the rest. Parameters
+    # and activations carry logical axis names (ldm_jax/models/axes.py); `sharding_rules`
+    # ((logical, mesh axes), ...) maps them, () = sharding.DEFAULT_RULES. Data parallel by default;
+    # FSDP on 8 devices: --config.mesh.data=2 --config.mesh.fsdp=4; tensor parallel:
+    # --config.mesh.data=4 --config.mesh.tensor=2.
+    c.mesh = dict(data=-1, fsdp=1, tensor=1)
+    # Several TPU slices / GPU hosts: `mesh` is then the mesh within one slice and `dcn_mesh` the
+    # factor of each axis across slices (slow network), e.g. 4 slices data-parallel over DCN and
+    # FSDP within each: --config.mesh.data=1 --config.mesh.fsdp=-1 --config.dcn_mesh.data=4.
+    c.dcn_mesh = dict(data=1, fsdp=1, tensor=1)
+    c.sharding_rules = ()
+    c.mesh_num_devices = 0  # > 0: only the first N devices (single-device references, debugging)
+    # Precision and memory: activations in compute_dtype ("bfloat16" on GPU/TPU; parameters, norms,
+    # softmax and the loss stay float32), U-Net block remat ("none", "full", "dots"; models/unet.py
+    # REMAT_POLICIES) and gradient accumulation over micro-batches (batch_size / grad_accum_steps
+    # examples at a time, one update per batch).
+    c.compute_dtype = "float32"
+    c.remat_policy = "none"
+    c.grad_accum_steps = 1
 
     # Stage 1: AutoencoderKL (Rombach et al. 2022, Sec. 3): f=4, 4 latent channels.
     c.autoencoder = dict(

@@ -5,6 +5,7 @@ ldm-jax sample --workdir DIR --prompt "a red circle" [--prompt ...] [--negative-
                --num-images N --guidance-scale W --steps S --sampler NAME --seed K --out OUTDIR
 ldm-jax sample --pretrained PATH [--tokenizer DIR] --prompt ... [--height H --width W]
                [--guidance-rescale R] [--init-image IMG [--strength S]] [--mask MASK] --out OUTDIR
+ldm-jax convert SRC --out DIR [--to diffusers|orbax] [--variant fp16 --dtype float16]
 ldm-jax encode --workdir AE_RUN --config configs/shapes.py:ldm --out DIR [--config.a.b=value ...]
 ldm-jax eval adherence --workdir DIR [--guidance-scales 0 4] [--num-per-prompt 8] [--out FILE]
 """
@@ -32,8 +33,10 @@ def _train(args, overrides):
         from ldm_jax.train.autoencoder import train_and_evaluate
     elif config.stage == "ldm":
         from ldm_jax.train.ldm import train_and_evaluate
+    elif config.stage == "finetune":
+        from ldm_jax.train.finetune import train_and_evaluate
     else:
-        raise ValueError(f"unknown stage {config.stage!r}; valid: autoencoder, ldm")
+        raise ValueError(f"unknown stage {config.stage!r}; valid: autoencoder, ldm, finetune")
     start = time.perf_counter()
     train_and_evaluate(config, args.workdir)
     log.info(
@@ -56,6 +59,10 @@ def _sample(args, overrides):
         )
     if (args.workdir is None) == (args.pretrained is None):
         raise ValueError("give exactly one of --workdir (a run trained here) and --pretrained")
+    if args.sampler is not None:  # before loading anything: a typo costs no model load
+        from ldm_jax.diffusion.samplers import get_sampler
+
+        get_sampler(args.sampler)  # ValueError listing the valid names
     negatives = args.negative_prompt or [""]
     if len(negatives) not in (1, len(args.prompt)):
         raise ValueError(f"give one --negative-prompt, or one per --prompt ({len(args.prompt)})")
@@ -230,6 +237,36 @@ def _eval_adherence(args, overrides):
     print(f"(saved to {out})")
 
 
+def _convert(args, overrides):
+    """A checkpoint in any layout load_pretrained reads -> a diffusers folder or an orbax export."""
+    del overrides
+    import numpy as np
+
+    from ldm_jax.convert import load_pretrained, save_orbax, save_pretrained
+
+    out = pathlib.Path(args.out)
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"--out {out} exists and is not empty; choose a new folder")
+    start = time.perf_counter()
+    model = load_pretrained(
+        args.source,
+        variant=args.source_variant,
+        tokenizer_dir=args.tokenizer,
+        tokenizer_2_dir=args.tokenizer_2,
+    )
+    if args.to == "diffusers":
+        save_pretrained(model, out, variant=args.variant, dtype=np.dtype(args.dtype))
+    else:
+        if args.dtype != "float32":
+            raise ValueError("--dtype applies to --to diffusers; orbax exports are float32")
+        save_orbax(model, out)
+    print(
+        f"converted {model.kind} checkpoint {args.source} to a {args.to} "
+        f"{'folder' if args.to == 'diffusers' else 'checkpoint'} at {out} "
+        f"in {time.perf_counter() - start:.1f} s"
+    )
+
+
 def _encode(args, overrides):
     from ldm_jax.config import load_config
     from ldm_jax.data import latents
@@ -320,6 +357,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mask", help="inpainting mask image: white = repaint")
     p.add_argument("--out", required=True, help="output folder")
     p.set_defaults(fn=_sample)
+
+    p = sub.add_parser(
+        "convert", help="pretrained weights between layouts (single file, diffusers, orbax)"
+    )
+    p.add_argument(
+        "source", help="a diffusers folder, single file (.safetensors/.ckpt) or orbax export"
+    )
+    p.add_argument("--out", required=True, help="a new folder")
+    p.add_argument("--to", choices=("diffusers", "orbax"), default="diffusers")
+    p.add_argument("--source-variant", help="weights variant to read from a diffusers folder")
+    p.add_argument("--variant", help="--to diffusers: weights variant to write, e.g. fp16")
+    p.add_argument(
+        "--dtype",
+        default="float32",
+        choices=("float32", "float16"),
+        help="--to diffusers: dtype of the written weights",
+    )
+    p.add_argument("--tokenizer", help="tokenizer folder (single files carry none)")
+    p.add_argument("--tokenizer-2", help="second tokenizer folder (SDXL single files)")
+    p.set_defaults(fn=_convert)
 
     p = sub.add_parser("encode", help="precompute a dataset's VAE latents and caption tokens")
     p.add_argument("--workdir", required=True, help="an autoencoder (or ldm) run: its VAE")

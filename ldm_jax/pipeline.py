@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ldm_jax import rng as rng_lib
 from ldm_jax import sharding as sharding_lib
 from ldm_jax.config import read_config
 from ldm_jax.data.tokenizers import get_tokenizer
@@ -36,6 +37,12 @@ class NoCheckpointError(FileNotFoundError):
     pass
 
 
+def compute_dtype(config):
+    """config.compute_dtype ("float32", "bfloat16" on accelerators): the dtype of activations and
+    matmul inputs; parameters stay float32, and norms, softmax and the loss compute in float32."""
+    return jnp.dtype(config.get("compute_dtype", "float32"))
+
+
 def build_text_encoder(config, tokenizer) -> CLIPTextTransformer:
     te = config.text_encoder
     return CLIPTextTransformer(
@@ -47,6 +54,7 @@ def build_text_encoder(config, tokenizer) -> CLIPTextTransformer:
         max_position_embeddings=tokenizer.context_length,
         hidden_act=te.hidden_act,
         eos_token_id=tokenizer.eos_token_id,
+        dtype=compute_dtype(config),
     )
 
 
@@ -62,6 +70,8 @@ def build_unet(config, latent_channels: int) -> UNet2DConditionModel:
         attention_head_dim=u.attention_head_dim,
         cross_attention_dim=config.text_encoder.hidden_size,
         norm_num_groups=u.norm_num_groups,
+        remat_policy=config.get("remat_policy", "none"),
+        dtype=compute_dtype(config),
     )
 
 
@@ -72,6 +82,7 @@ def build_autoencoder(config) -> AutoencoderKL:
         layers_per_block=ae.layers_per_block,
         latent_channels=ae.latent_channels,
         norm_num_groups=ae.norm_num_groups,
+        dtype=compute_dtype(config),
     )
 
 
@@ -112,7 +123,7 @@ class LatentDiffusion:
             schedule=schedule_from_config(config.diffusion),
             params=params,
             frozen=frozen,
-            mesh=mesh if mesh is not None else sharding_lib.make_mesh(config.mesh),
+            mesh=mesh if mesh is not None else sharding_lib.inference_mesh(config),
         )
 
 
@@ -157,9 +168,7 @@ def _sample_fn(ldm: LatentDiffusion, sampler: str, num_steps: int, sampler_optio
         apply = lambda x, t, ctx: ldm.unet.apply(params["unet"], x, t, ctx)
         model_fn = classifier_free_guidance(apply, cond, uncond, guidance)
         # Per-image noise from per-image seeds: an image does not depend on its batch-mates.
-        noise = jax.vmap(lambda s: jax.random.normal(jax.random.key(s), (lat, lat, channels)))(
-            seeds
-        )
+        noise = jax.vmap(lambda s: rng_lib.normal(jax.random.key(s), (lat, lat, channels)))(seeds)
         rng = jax.random.fold_in(jax.random.key(seeds[0]), 1)
         latents = sample(
             model_fn,
@@ -175,10 +184,14 @@ def _sample_fn(ldm: LatentDiffusion, sampler: str, num_steps: int, sampler_optio
         )
         return jnp.clip(jnp.round((images + 1.0) * 127.5), 0, 255).astype(jnp.uint8)
 
-    repl = sharding_lib.replicated(ldm.mesh)
+    # Parameters keep the layout training gave them (FSDP / tensor parallel per the config's
+    # rules; replicated for a data-parallel mesh), the batch is split over the data axes.
+    rules = sharding_lib.rules_from_config(ldm.config)
+    params = sharding_lib.tree_shardings(ldm.params, ldm.mesh, rules)
+    frozen = sharding_lib.tree_shardings(ldm.frozen, ldm.mesh, rules)
     batch = sharding_lib.batch_sharding(ldm.mesh)
     compiled = jax.jit(
-        fn, in_shardings=(repl, repl, batch, batch, batch, batch), out_shardings=batch
+        fn, in_shardings=(params, frozen, batch, batch, batch, batch), out_shardings=batch
     )
     ldm._compiled[key] = compiled
     return compiled

@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ldm_jax import rng as rng_lib
 from ldm_jax import sharding as sharding_lib
 from ldm_jax.diffusion import samplers as sampler_lib
 from ldm_jax.diffusion.guidance import classifier_free_guidance
@@ -209,7 +210,7 @@ def _images_per_prompt(images, num_prompts: int, height: int, width: int, graysc
 @jax.jit
 def _noise_from_seeds(seeds: jax.Array, template: jax.Array) -> jax.Array:
     shape = template.shape
-    return jax.vmap(lambda s: jax.random.normal(jax.random.key(s), shape))(seeds)
+    return jax.vmap(lambda s: rng_lib.normal(jax.random.key(s), shape))(seeds)
 
 
 def initial_noise(seeds: Sequence[int], latent_shape: tuple[int, int, int]) -> np.ndarray:
@@ -230,7 +231,7 @@ def _final_layer_norm(encoder, params, h):
     )
 
 
-def _encode(model, params, ids, clip_skip, *, negative: bool):
+def encode_prompt(model, params, ids, clip_skip=None, *, negative: bool = False):
     """Token ids per encoder -> (encoder_hidden_states f32[B,L,D], pooled f32[B,P] or None), as
     diffusers' `encode_prompt`. SD1/2: the last hidden state (SD2's checkpoints already drop the
     last OpenCLIP layer), or with clip_skip the final-LN'd hidden state clip_skip layers earlier.
@@ -273,8 +274,8 @@ def _build_fn(
             progress[0].update(1)
 
     def fn(params, batch):
-        cond, pooled = _encode(model, params["text"], batch["ids"], clip_skip, negative=False)
-        uncond, neg_pooled = _encode(
+        cond, pooled = encode_prompt(model, params["text"], batch["ids"], clip_skip, negative=False)
+        uncond, neg_pooled = encode_prompt(
             model, params["text"], batch["neg_ids"], clip_skip, negative=True
         )
         keep = (1.0 - batch["neg_zero"])[:, None, None]  # SDXL force_zeros_for_empty_prompt
@@ -291,7 +292,7 @@ def _build_fn(
             scaling_factor, the posterior noise from each image's seed."""
             posterior = model.vae.apply(params["vae"], images, method=model.vae.encode)
             keys = jax.vmap(lambda s: jax.random.fold_in(jax.random.key(s), salt))(batch["seed"])
-            eps = jax.vmap(lambda k, m: jax.random.normal(k, m.shape))(keys, posterior.mean)
+            eps = jax.vmap(lambda k, m: rng_lib.normal(k, m.shape))(keys, posterior.mean)
             return (posterior.mean + posterior.std * eps) * scale
 
         extra = None

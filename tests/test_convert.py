@@ -466,6 +466,29 @@ def test_orbax_round_trip_exact(loaded, tmp_path):
     assert [t.pad_token for t in again.tokenizers] == ["<|endoftext|>", "!"]
 
 
+def test_convert_cli_orbax_and_fp16_diffusers(folders, loaded, tmp_path, capsys):
+    """`ldm-jax convert`: diffusers -> orbax (exact; `sample --pretrained` reads it) -> an fp16
+    diffusers folder (weights rounded to float16 once), and a non-empty --out is refused."""
+    from ldm_jax import cli
+
+    folder, model = folders["sd1"][0], loaded["sd1"]
+    assert (
+        cli.main(["convert", str(folder), "--out", str(tmp_path / "orbax"), "--to", "orbax"]) == 0
+    )
+    again = load_pretrained(tmp_path / "orbax")  # an orbax export is a pretrained path too
+    params_equal(again.unet_params, model.unet_params)
+    args = ["convert", str(tmp_path / "orbax"), "--out", str(tmp_path / "fp16")]
+    assert cli.main([*args, "--variant", "fp16", "--dtype", "float16"]) == 0
+    assert (tmp_path / "fp16" / "unet" / "diffusion_pytorch_model.fp16.safetensors").is_file()
+    half = load_pretrained(tmp_path / "fp16", variant="fp16")
+    for (path, a), (_, b) in zip(
+        flatten(half.unet_params["params"]).items(), flatten(model.unet_params["params"]).items()
+    ):
+        np.testing.assert_array_equal(a, np.asarray(b).astype(np.float16).astype(np.float32), path)
+    assert cli.main([*args, "--variant", "fp16"]) == 2
+    assert "exists and is not empty" in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------- architecture extras
 @pytest.mark.parametrize(
     "name,expected",

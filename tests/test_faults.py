@@ -101,12 +101,17 @@ def test_sigkill_at_a_random_step_then_resume_is_bit_identical(data_dir, tmp_pat
     stderr = proc.stderr.read().decode()
     assert proc.returncode == -signal.SIGKILL, (proc.returncode, stderr[-2000:])
     killed_at = max(r["step"] for r in _rows(workdir))
+    # Saves are asynchronous: a kill soon after a save started can leave no complete checkpoint
+    # yet, and then the rerun must start over (and still end identical).
     saved = Checkpointer(workdir, read_only=True).latest_step()
-    assert saved is not None and saved <= killed_at < 12, (seed, saved, killed_at)
+    assert (saved or 0) <= killed_at < 12, (seed, saved, killed_at)
 
     resumed = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert f"resumed from {workdir / 'checkpoints'} at step {saved}" in resumed.stderr
+    if saved is None:
+        assert "resumed from" not in resumed.stderr
+    else:
+        assert f"resumed from {workdir / 'checkpoints'} at step {saved}" in resumed.stderr
 
     rows, ref_rows = _rows(workdir), _rows(reference)
     assert [r["step"] for r in rows] == list(range(1, 13)), (seed, kill_after)  # no gap/duplicate

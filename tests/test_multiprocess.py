@@ -24,6 +24,9 @@ from ldm_jax.train.checkpointing import Checkpointer
 SHAPES = str(REPO / "configs" / "shapes.py")
 STEPS = 4
 FIELDS = {"num_train_steps": STEPS, "log_every": 1, "checkpoint_every": 2, "sample_every": 1000}
+# The two processes train on a hybrid mesh: data parallel across processes (the granules of the
+# slow network, as hosts or slices of a pod), FSDP over the two devices within each.
+HYBRID = {"mesh.data": 1, "mesh.fsdp": -1, "dcn_mesh.data": 2}
 
 
 @pytest.fixture(scope="module")
@@ -49,9 +52,7 @@ def test_each_process_reads_only_its_contiguous_slice(monkeypatch):
         np.testing.assert_array_equal(np.concatenate([a, b]), expected[step])
 
 
-def test_two_processes_train_agree_and_write_a_checkpoint_one_process_restores(
-    data_dir, tmp_path
-):
+def test_two_processes_train_agree_and_write_a_checkpoint_one_process_restores(data_dir, tmp_path):
     workdir, logs = tmp_path / "run", tmp_path / "logs"
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # local.sh sets its own
     env.update(
@@ -60,8 +61,10 @@ def test_two_processes_train_agree_and_write_a_checkpoint_one_process_restores(
         DEVICES_PER_PROCESS="2",
         LOG_DIR=str(logs),
         JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir,
+        EXTRA_XLA_FLAGS="--xla_backend_optimization_level=0",  # as conftest.py: same numerics
     )
-    overrides = [f"--config.{k}={v}" for k, v in {"data.data_dir": data_dir, **FIELDS}.items()]
+    fields = {"data.data_dir": data_dir, **FIELDS, **HYBRID}
+    overrides = [f"--config.{k}={v}" for k, v in fields.items()]
     command = [
         "bash",
         str(REPO / "launch" / "local.sh"),
@@ -79,6 +82,7 @@ def test_two_processes_train_agree_and_write_a_checkpoint_one_process_restores(
     finals = []
     for i, out in enumerate(outputs):
         assert f"process {i} of 2, 2 local / 4 global devices" in out, out[-2000:]
+        assert "mesh {'data': 2, 'fsdp': 2, 'tensor': 1} over 4 devices" in out, out[-2000:]
         (loss,) = re.findall(rf"process {i} of 2: step {STEPS} loss (\S+)", out)
         finals.append(float(loss))
     assert finals[0] == finals[1]
@@ -105,10 +109,18 @@ def test_two_processes_train_agree_and_write_a_checkpoint_one_process_restores(
         json.loads(r) for r in (tmp_path / "single" / "metrics.jsonl").read_text().splitlines()
     ]
     np.testing.assert_allclose(rows[0]["loss"], ref_rows[0]["loss"], rtol=1e-6)
-    np.testing.assert_allclose(
-        [r["loss"] for r in rows], [r["loss"] for r in ref_rows], rtol=1e-4
+    np.testing.assert_allclose([r["loss"] for r in rows], [r["loss"] for r in ref_rows], rtol=1e-4)
+    # ... and so do the parameters after 4 Adam steps, up to Adam's amplification of round-off:
+    # it divides by sqrt(v), so where a gradient is itself round-off-sized (e.g. a bias that a
+    # normalization cancels) its update direction is round-off too and the parameter may move by
+    # a fraction of one step's size (the learning rate) differently. Almost all agree to 1e-5.
+    learning_rate = config.optimizer.learning_rate
+    diffs = np.concatenate(
+        [
+            np.abs(np.asarray(a) - np.asarray(b)).ravel()
+            for a, b in zip(jax.tree.leaves(restored["params"]), jax.tree.leaves(reference.params))
+        ]
     )
-    # ... and so do the parameters after 4 Adam steps (lr 3e-3 warming up; round-off in the
-    # gradients moves a parameter by far less than one step's 1e-3-sized update).
-    for a, b in zip(jax.tree.leaves(restored["params"]), jax.tree.leaves(reference.params)):
-        np.testing.assert_allclose(a, np.asarray(b), rtol=0, atol=1e-5)
+    print(f"max |param diff| {diffs.max():.2e}, share > 1e-5: {np.mean(diffs > 1e-5):.2e}")
+    assert diffs.max() < 0.1 * learning_rate, diffs.max()
+    assert np.mean(diffs > 1e-5) < 0.01, np.mean(diffs > 1e-5)

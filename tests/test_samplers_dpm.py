@@ -66,6 +66,17 @@ def _run_diffusers(cls_name, schedule_cfg, options, steps, model_fn, noise):
     return x.numpy()
 
 
+def _run_diffusers_timesteps(cls_name, schedule_cfg, options, timesteps, model_fn, noise):
+    """diffusers' loop with custom timesteps (`set_timesteps(timesteps=...)`)."""
+    ref = getattr(diffusers, cls_name)(**schedule_cfg, **options)
+    ref.set_timesteps(timesteps=list(timesteps))
+    x = torch.from_numpy(noise) * ref.init_noise_sigma
+    for t in ref.timesteps:
+        out = model_fn(jnp.asarray(x.numpy()), jnp.full((SHAPE[0],), float(t), jnp.float32))
+        x = ref.step(torch.from_numpy(np.array(out)), t, x).prev_sample
+    return x.numpy()
+
+
 def _run_ours(name, schedule, steps, model_fn, noise, options, rng=None):
     sampler = samplers.get_sampler(name)
     fn = jax.jit(lambda n, key: sampler(model_fn, n, schedule, steps, key, **options))
@@ -346,3 +357,47 @@ def test_bad_options_are_named():
         "deis",
     ]:
         assert name in samplers.sampler_names()
+
+
+# diffusers' AysSchedules["StableDiffusionTimesteps"]: Align Your Steps' 10-step SD 1.5 schedule
+# (Sabour et al. 2024), which diffusers runs as DPMSolverMultistep's custom timesteps.
+AYS_SD_TIMESTEPS = (999, 850, 736, 645, 545, 455, 343, 233, 124, 24)
+
+
+@pytest.mark.parametrize(
+    "case,options",
+    [
+        (MULTI, dict(solver_order=2)),
+        (MULTI, dict(solver_order=3, prediction_type="v_prediction")),
+        (SINGLE, dict(solver_order=2)),
+    ],
+)
+def test_explicit_sigmas_are_diffusers_custom_timesteps(case, options):
+    """`sigmas` = training sigmas at some timesteps is diffusers' set_timesteps(timesteps=...)."""
+    (name, cls_name), key = case, tuple(SD.items())
+    schedule, model_fn = _schedule(key), _model(key, options.get("prediction_type", "epsilon"))
+    noise = _noise()
+    sig = schedules.sigmas_from_alphas_cumprod(schedule.alphas_cumprod)
+    sigmas = tuple(float(sig[t]) for t in AYS_SD_TIMESTEPS)
+    want = _run_diffusers_timesteps(cls_name, SD, options, AYS_SD_TIMESTEPS, model_fn, noise)
+    got = _run_ours(name, schedule, 10, model_fn, noise, dict(options, sigmas=sigmas))
+    np.testing.assert_allclose(got, want, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["dpm_solver_multistep", "dpm_solver_singlestep", "unipc", "deis"])
+def test_explicit_sigmas_reproduce_the_default_schedule_and_are_checked(name):
+    """Passing a sampler's own default sigmas changes nothing; bad schedules are refused."""
+    key = tuple(SD.items())
+    schedule, model_fn, noise = _schedule(key), _model(key, "epsilon"), _noise()
+    sig = schedules.sigmas_from_alphas_cumprod(np.asarray(schedule.alphas_cumprod, np.float32))
+    ts = np.linspace(0, 999, 7).round()[::-1][:-1].astype(int)  # the default "linspace" spacing
+    own = tuple(float(np.float32(sig[t])) for t in ts)
+    want = _run_ours(name, schedule, 6, model_fn, noise, {})
+    got = _run_ours(name, schedule, 6, model_fn, noise, dict(sigmas=own))
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+    sampler = samplers.get_sampler(name)
+    for bad in [own[:-1], own[::-1], (20.0,) + own[1:], own[:-1] + (0.01,)]:
+        with pytest.raises(ValueError, match="decreasing values in the training range"):
+            sampler(model_fn, jnp.asarray(noise), schedule, 6, sigmas=bad)
+    with pytest.raises(ValueError, match="not both"):
+        sampler(model_fn, jnp.asarray(noise), schedule, 6, sigmas=own, use_karras_sigmas=True)

@@ -22,97 +22,17 @@ torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
 
-SIZE = 32  # pixels; the tiny VAE has f = 2, so latents are 16 x 16
+import tiny_checkpoints as tiny  # noqa: E402 (needs torch, diffusers: after the skips above)
+
+SIZE = tiny.SIZE
 STEPS = 6
 PROMPTS = ["a photo of an astronaut riding a horse", "a red circle"]
-
-
-def _scheduler():
-    # The released SD checkpoints' settings (their scheduler_config.json), as DDIM.
-    return diffusers.DDIMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-    )
-
-
-def _vae(deterministic: bool = False):
-    torch.manual_seed(1)
-    vae = diffusers.AutoencoderKL(
-        block_out_channels=(32, 64),
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        latent_channels=4,
-        norm_num_groups=32,  # the released value, which single files assume
-        layers_per_block=1,
-    )
-    if deterministic:
-        # Posterior std exp(-15): diffusers samples the VAE posterior with torch's generator and
-        # we with JAX's, so a negligible std makes img2img / inpainting comparable.
-        with torch.no_grad():
-            vae.quant_conv.weight[4:] = 0
-            vae.quant_conv.bias[4:] = -30.0
-    return vae
-
-
-def _text_encoder(projection: bool = False, hidden: int = 32, act: str = "quick_gelu"):
-    config = transformers.CLIPTextConfig(
-        vocab_size=49408,
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=3,
-        num_attention_heads=max(1, hidden // 64),  # what single files assume (CLIP: 64 wide)
-        max_position_embeddings=77,
-        hidden_act=act,
-        eos_token_id=49407,
-        bos_token_id=49406,
-        pad_token_id=49407,
-        projection_dim=hidden,
-    )
-    torch.manual_seed(2 + projection)
-    cls = transformers.CLIPTextModelWithProjection if projection else transformers.CLIPTextModel
-    return cls(config).eval()
-
-
-def _unet(**kwargs):
-    torch.manual_seed(0)
-    config = dict(
-        sample_size=SIZE // 2,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        attention_head_dim=8,  # SD1's (8 heads per level), which single files assume
-        cross_attention_dim=32,
-        norm_num_groups=32,
-    )
-    return diffusers.UNet2DConditionModel(**{**config, **kwargs}).eval()
-
-
-def _sd_pipeline(tokenizer_dir, cls=None, in_channels=4, deterministic_vae=False):
-    tokenizer = transformers.CLIPTokenizer.from_pretrained(tokenizer_dir)
-    return (cls or diffusers.StableDiffusionPipeline)(
-        vae=_vae(deterministic=deterministic_vae),
-        text_encoder=_text_encoder(),
-        tokenizer=tokenizer,
-        unet=_unet(in_channels=in_channels),
-        scheduler=_scheduler(),
-        safety_checker=None,
-        feature_extractor=None,
-        image_encoder=None,
-        requires_safety_checker=False,
-    )
 
 
 @pytest.fixture(scope="module")
 def sd_folder(tmp_path_factory, clip_tokenizer_dir):
     """(folder, diffusers pipeline) of a tiny random SD1-style text-to-image model."""
-    pipe = _sd_pipeline(clip_tokenizer_dir)
+    pipe = tiny.sd_pipeline(clip_tokenizer_dir)
     path = tmp_path_factory.mktemp("tiny_sd")
     pipe.save_pretrained(path, safe_serialization=True)
     return path, pipe
@@ -238,7 +158,7 @@ def test_bad_arguments_are_named(sd):
 
 
 def test_inpainting_matches_diffusers(tmp_path, clip_tokenizer_dir):
-    pipe = _sd_pipeline(
+    pipe = tiny.sd_pipeline(
         clip_tokenizer_dir,
         diffusers.StableDiffusionInpaintPipeline,
         in_channels=9,
@@ -325,7 +245,7 @@ def test_img2img_matches_diffusers(tmp_path, clip_tokenizer_dir, sampler, reques
         sampler = request.getfixturevalue("reference_img2img_sampler")
         # Not a diffusers scheduler's sampler: only the common config options reach it.
         options = dict(set_alpha_to_one=False)
-    pipe = _sd_pipeline(
+    pipe = tiny.sd_pipeline(
         clip_tokenizer_dir, diffusers.StableDiffusionImg2ImgPipeline, deterministic_vae=True
     )
     pipe.save_pretrained(tmp_path, safe_serialization=True)
@@ -366,7 +286,7 @@ def test_sdxl_refiner_conditioning_matches_diffusers(tmp_path, clip_tokenizer_di
     StableDiffusionXLImg2ImgPipeline, which starts from given `latents` as they are (the init
     image is then unused): the same start as our text-to-image with those latents."""
     tokenizer = transformers.CLIPTokenizer.from_pretrained(clip_tokenizer_dir)
-    unet = _unet(
+    unet = tiny.unet(
         cross_attention_dim=32,
         use_linear_projection=True,
         addition_embed_type="text_time",
@@ -374,13 +294,13 @@ def test_sdxl_refiner_conditioning_matches_diffusers(tmp_path, clip_tokenizer_di
         projection_class_embeddings_input_dim=32 + 5 * 8,
     )
     pipe = diffusers.StableDiffusionXLImg2ImgPipeline(
-        vae=_vae(),
+        vae=tiny.vae(),
         text_encoder=None,
-        text_encoder_2=_text_encoder(projection=True, act="gelu"),
+        text_encoder_2=tiny.text_encoder(projection=True, act="gelu"),
         tokenizer=None,
         tokenizer_2=tokenizer,
         unet=unet,
-        scheduler=_scheduler(),
+        scheduler=tiny.scheduler(),
         requires_aesthetics_score=True,
         force_zeros_for_empty_prompt=False,
     )
@@ -408,32 +328,9 @@ def test_sdxl_refiner_conditioning_matches_diffusers(tmp_path, clip_tokenizer_di
     _assert_within_one_level(ours, _diffusers_uint8(theirs))
 
 
-def _sdxl_pipeline(tokenizer_dir):
-    tokenizer = transformers.CLIPTokenizer.from_pretrained(tokenizer_dir)
-    unet = _unet(
-        cross_attention_dim=64,  # 32 (encoder 1) + 32 (encoder 2), concatenated
-        attention_head_dim=(2, 4),
-        transformer_layers_per_block=(1, 2),
-        use_linear_projection=True,
-        addition_embed_type="text_time",
-        addition_time_embed_dim=8,
-        projection_class_embeddings_input_dim=32 + 6 * 8,
-    )
-    return diffusers.StableDiffusionXLPipeline(
-        vae=_vae(),
-        text_encoder=_text_encoder(),
-        text_encoder_2=_text_encoder(projection=True, act="gelu"),
-        tokenizer=tokenizer,
-        tokenizer_2=tokenizer,
-        unet=unet,
-        scheduler=_scheduler(),
-        force_zeros_for_empty_prompt=True,
-    )
-
-
 @pytest.fixture(scope="module")
 def sdxl(tmp_path_factory, clip_tokenizer_dir):
-    pipe = _sdxl_pipeline(clip_tokenizer_dir)
+    pipe = tiny.sdxl_pipeline(clip_tokenizer_dir)
     path = tmp_path_factory.mktemp("tiny_sdxl")
     pipe.save_pretrained(path, safe_serialization=True)
     return pipe, StableDiffusion.from_pretrained(path)

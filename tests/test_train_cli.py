@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import REPO
+from conftest import REPO, train_args
 from ldm_jax import cli, pipeline
 from ldm_jax.config import load_config
 from ldm_jax.data.pipeline import StepIndexedBatches
@@ -21,36 +21,6 @@ from ldm_jax.train import autoencoder, ldm, loop
 from ldm_jax.train.checkpointing import Checkpointer
 
 SHAPES = str(REPO / "configs" / "shapes.py")
-
-
-@pytest.fixture(scope="session")
-def data_dir(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("tfds"))
-
-
-def _train_args(config_arg, workdir, data_dir, *extra):
-    """`ldm-jax train` arguments for configs/shapes.py:<config_arg> with the test's data dir."""
-    return [
-        "train",
-        "--config",
-        f"{SHAPES}:{config_arg}",
-        "--workdir",
-        str(workdir),
-        f"--config.data.data_dir={data_dir}",
-        *extra,
-    ]
-
-
-@pytest.fixture(scope="session")
-def trained(tmp_path_factory, data_dir):
-    """(autoencoder workdir, ldm workdir) trained through the CLI on the smoke config."""
-    root = tmp_path_factory.mktemp("runs")
-    ae, lat = root / "autoencoder", root / "ldm"
-    assert cli.main(_train_args("autoencoder,smoke", ae, data_dir)) == 0
-    assert (
-        cli.main(_train_args("ldm,smoke", lat, data_dir, f"--config.autoencoder_workdir={ae}")) == 0
-    )
-    return ae, lat
 
 
 def _metrics(workdir):
@@ -244,7 +214,7 @@ def test_workdir_of_another_model_is_refused(trained, data_dir, capsys):
     ae, _ = trained
     before = sorted(p.name for p in (ae / "checkpoints").iterdir())
     extra = "--config.autoencoder.block_out_channels=(8,8)"
-    code = cli.main(_train_args("autoencoder,smoke", ae, data_dir, extra))
+    code = cli.main(train_args("autoencoder,smoke", ae, data_dir, extra))
     assert code == 2
     err = capsys.readouterr().err
     assert "does not fit the config" in err and "block_out_channels" in err
@@ -253,7 +223,7 @@ def test_workdir_of_another_model_is_refused(trained, data_dir, capsys):
 
 def test_ldm_needs_a_matching_autoencoder(trained, data_dir, tmp_path, capsys):
     ae, _ = trained
-    args = _train_args("ldm,smoke", tmp_path, data_dir)
+    args = train_args("ldm,smoke", tmp_path, data_dir)
     assert cli.main(args) == 2
     assert "train the autoencoder first" in capsys.readouterr().err
     code = cli.main(
@@ -336,23 +306,23 @@ def test_update_lowers_the_ldm_loss_on_a_fixed_batch():
     loss_fn = ldm.make_loss_fn(model, config, model.tokenizer([""])[0])
     optimizer = loop.make_optimizer(config.optimizer, 40)
     k1, k2 = jax.random.split(jax.random.key(0))
-    params = {
-        "unet": model.unet.init(
-            k1,
-            jnp.zeros((1, 16, 16, 4)),
-            jnp.zeros(1),
-            jnp.zeros((1, 77, config.text_encoder.hidden_size)),
-        ),
-        "text_encoder": model.text_encoder.init(k2, jnp.zeros((1, 77), jnp.int32)),
-    }
-    state = loop.init_state(params, optimizer, frozen={"latent_scale": jnp.float32(1.0)})
+
+    @jax.jit  # (jitted: op-by-op initialization compiles every op on its own, ~4x slower)
+    def init():
+        context = jnp.zeros((1, 77, config.text_encoder.hidden_size))
+        unet = model.unet.init(k1, jnp.zeros((1, 16, 16, 4)), jnp.zeros(1), context)
+        text_encoder = model.text_encoder.init(k2, jnp.zeros((1, 77), jnp.int32))
+        return {"unet": unet, "text_encoder": text_encoder}
+
+    state = loop.init_state(init(), optimizer, frozen={"latent_scale": jnp.float32(1.0)})
     update = jax.jit(loop.make_update_fn(loss_fn, optimizer, 0.999, seed=0))
     fixed = jax.random.key(123)  # the same noise and timesteps before and after
-    before = float(loss_fn(state.params, state.frozen, batch, fixed)[0])
+    eval_loss = jax.jit(lambda state: loss_fn(state.params, state.frozen, batch, fixed)[0])
+    before = float(eval_loss(state))
     for _ in range(40):
         state, metrics = update(state, batch)
         assert bool(metrics["finite"])
-    after = float(loss_fn(state.params, state.frozen, batch, fixed)[0])
+    after = float(eval_loss(state))
     assert after < 0.7 * before, (before, after)
 
 
@@ -391,3 +361,14 @@ def test_metric_writer_logs_jsonl_and_wandb_offline(tmp_path):
     assert [r["step"] for r in rows] == [2, 4] and rows[1]["loss"] == 0.25
     assert "steps_per_sec" in rows[1]
     assert list((tmp_path / "wandb").glob("offline-run-*"))
+
+
+def test_unknown_sampler_is_refused_before_loading_a_model(tmp_path, capsys):
+    from ldm_jax.diffusion.samplers import sampler_names
+
+    args = ["sample", "--prompt", "a red circle", "--sampler", "eulr", "--out", str(tmp_path)]
+    assert cli.main([*args, "--workdir", str(tmp_path / "no_run")]) == 2
+    err = capsys.readouterr().err
+    assert "unknown sampler 'eulr'" in err and all(name in err for name in sampler_names())
+    assert cli.main([*args, "--pretrained", str(tmp_path / "no_checkpoint")]) == 2
+    assert "unknown sampler 'eulr'" in capsys.readouterr().err

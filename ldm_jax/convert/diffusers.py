@@ -304,7 +304,8 @@ def load_pretrained(
     """Load a Stable Diffusion 1.x / 2.x / XL / XL-refiner / inpainting checkpoint.
 
     Args:
-      path: a diffusers folder (with model_index.json), or an original single-file checkpoint
+      path: a diffusers folder (with model_index.json), an orbax export of `save_orbax` (with
+        pretrained.json), or an original single-file checkpoint
         (`.safetensors`, or `.ckpt` with torch installed) in the CompVis / Stability layout.
       variant: weights variant of a diffusers folder ("fp16" -> `*.fp16.safetensors`), as in
         diffusers' `from_pretrained`. Weights are upcast to float32 either way.
@@ -314,6 +315,8 @@ def load_pretrained(
         dtype; parameters stay float32) or attention_implementation="cudnn".
     """
     path = pathlib.Path(path)
+    if path.is_dir() and (path / "pretrained.json").is_file():  # written by save_orbax
+        return load_orbax(path, **overrides)
     if path.is_dir():
         return _load_folder(path, variant, tokenizer_dir, tokenizer_2_dir, overrides)
     if not path.is_file():

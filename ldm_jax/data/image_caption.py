@@ -9,10 +9,12 @@ Two source layouts (`path` below):
 
 Every image is decoded with PIL (EXIF rotation applied, converted to RGB), resized so its shorter
 side is `resolution` and center-cropped to `resolution` x `resolution` -- the `Resize` +
-`CenterCrop` of diffusers' `examples/text_to_image/train_text_to_image.py`. Images that cannot be
-read or decoded, and images without a caption, are skipped and counted: the counts (and the first
-few file names) are in the prepared dataset's `info.metadata["skipped"]`, and a warning with the
-count is logged when preparing and when loading.
+`CenterCrop` of diffusers' `examples/text_to_image/train_text_to_image.py`; each example also keeps
+the source's (height, width) and the crop's top-left corner (`original_size`, `crop_top_left`:
+SDXL's micro-conditioning). Images that cannot be read or decoded, and images without a caption,
+are skipped and counted: the counts (and the first few file names) are in the prepared dataset's
+`info.metadata["skipped"]`, and a warning with the count is logged when preparing and when
+loading.
 
   builder = make_builder("/data/my_photos", resolution=256, data_dir="~/tensorflow_datasets")
   builder.download_and_prepare()  # or `prepare(...)`, which also logs the skipped count
@@ -64,25 +66,40 @@ def resize_and_center_crop(image: np.ndarray, size: int) -> np.ndarray:
     h, w = image.shape[:2]
     if (h, w) == (size, size):
         return np.asarray(image, np.uint8)
+    new_h, new_w, top, left = center_crop_box(h, w, size)
+    pil = Image.fromarray(np.asarray(image, np.uint8))
+    if (new_h, new_w) != (h, w):
+        pil = pil.resize((new_w, new_h), Image.BILINEAR)
+    return np.asarray(pil.crop((left, top, left + size, top + size)), np.uint8)
+
+
+def center_crop_box(h: int, w: int, size: int) -> tuple[int, int, int, int]:
+    """(resized height, resized width, crop top, crop left) of `resize_and_center_crop`.
+
+    The crop corner is in resized-image pixels: SDXL's `crop_top_left` micro-conditioning
+    (Podell et al. 2023, Sec. 2.2; diffusers' `train_text_to_image_sdxl.py` with --center_crop).
+    """
     if h <= w:
         new_h, new_w = size, int(size * w / h)
     else:
         new_h, new_w = int(size * h / w), size
-    pil = Image.fromarray(np.asarray(image, np.uint8))
-    if (new_h, new_w) != (h, w):
-        pil = pil.resize((new_w, new_h), Image.BILINEAR)
-    top, left = int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0))
-    return np.asarray(pil.crop((left, top, left + size, top + size)), np.uint8)
+    return new_h, new_w, int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0))
 
 
 def read_image(path: str | os.PathLike, size: int) -> np.ndarray:
     """An image file -> uint8[size, size, 3]; raises OSError/ValueError if it cannot be read."""
+    return read_image_and_size(path, size)[0]
+
+
+def read_image_and_size(path: str | os.PathLike, size: int) -> tuple[np.ndarray, tuple[int, int]]:
+    """An image file -> (uint8[size, size, 3], its (height, width) before resizing)."""
     from PIL import Image, ImageOps
 
     with Image.open(path) as pil:
         pil.load()  # decode now: a truncated or corrupt file raises here, not later
         pil = ImageOps.exif_transpose(pil).convert("RGB")  # as diffusers: .convert("RGB")
-        return resize_and_center_crop(np.asarray(pil), size)
+        pixels = np.asarray(pil)
+        return resize_and_center_crop(pixels, size), pixels.shape[:2]
 
 
 @dataclasses.dataclass
@@ -163,8 +180,11 @@ def fingerprint(path: str | os.PathLike, image_column: str = "", caption_column:
 class ImageCaption(tfds.core.GeneratorBasedBuilder):
     """Images with captions from a local folder or table; see the module docstring."""
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES: ClassVar[dict[str, str]] = {"1.0.0": "Initial release."}
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES: ClassVar[dict[str, str]] = {
+        "1.0.0": "Initial release.",
+        "1.1.0": "original_size and crop_top_left of every image (SDXL micro-conditioning).",
+    }
 
     def _info(self) -> tfds.core.DatasetInfo:
         size = self.builder_config.resolution
@@ -175,6 +195,10 @@ class ImageCaption(tfds.core.GeneratorBasedBuilder):
                     "image": tfds.features.Image(shape=(size, size, 3)),
                     "caption": tfds.features.Text(),
                     "file_name": tfds.features.Text(),  # relative to the source folder/table
+                    # (height, width) of the source image, and the (top, left) corner of the
+                    # center crop in the resized image: SDXL's size and crop conditioning.
+                    "original_size": tfds.features.Tensor(shape=(2,), dtype=np.int32),
+                    "crop_top_left": tfds.features.Tensor(shape=(2,), dtype=np.int32),
                 }
             ),
             supervised_keys=("caption", "image"),
@@ -211,15 +235,22 @@ class ImageCaption(tfds.core.GeneratorBasedBuilder):
                     skipped["files"].append(f"{name}: no caption")
                 continue
             try:
-                image = read_image(image_path, config.resolution)
+                image, (h, w) = read_image_and_size(image_path, config.resolution)
             except (OSError, ValueError, SyntaxError) as e:  # PIL's errors for bad files
                 skipped["unreadable"] += 1
                 if len(skipped["files"]) < MAX_LISTED_SKIPPED:
                     skipped["files"].append(f"{name}: {type(e).__name__}: {e}")
                 continue
             kept += 1
-            # The key is the row index: unique even when a table names one file twice.
-            yield index, {"image": image, "caption": str(caption).strip(), "file_name": name}
+            top, left = center_crop_box(h, w, config.resolution)[2:]
+            example = {
+                "image": image,
+                "caption": str(caption).strip(),
+                "file_name": name,
+                "original_size": np.asarray([h, w], np.int32),
+                "crop_top_left": np.asarray([top, left], np.int32),
+            }
+            yield index, example  # the row index: unique even when a table names a file twice
         # Stored with the dataset info (dataset_info's metadata.json) when preparing ends.
         self.info.metadata["skipped"] = skipped
         self.info.metadata["num_examples"] = kept

@@ -63,6 +63,8 @@ CIFAR10_CLASSES = (
 DEFAULT_CAPTION_TEMPLATE = "a photo of {a} {name}"
 IMAGENET_MANUAL_FILES = ("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar")
 DECODE_THREADS = min(8, os.cpu_count() or 1)  # PIL decodes and resizes outside the GIL
+# int32[2] columns of `image_caption`: the source (height, width) and the center crop's (top, left).
+SIZE_COLUMNS = ("original_size", "crop_top_left")
 
 
 class StepIndexedBatches:
@@ -243,9 +245,14 @@ def _converter(name: str, size: int, template: str):
                 out["caption"] = _text(example["caption"])
         if "label" in columns:
             out["label"] = np.int32(example["label"])
+        for key in SIZE_COLUMNS:  # image_caption: SDXL's size and crop conditioning
+            if key in columns:
+                out[key] = np.asarray(example[key], np.int32)
         return out
 
     columns = ("image", "caption", "label") if names is not None else ("image", "caption")
+    if name == "image_caption":
+        columns += SIZE_COLUMNS
     return convert, columns
 
 
@@ -325,7 +332,8 @@ def load_dataset(config, split: str = "train"):
 
     Returns a dict of numpy arrays (shapes, or `config.data.in_memory`), or a `RecordTable` whose
     columns are read on demand; both have keys "image", "caption" (+ "label" for class data;
-    shapes also has "canonical_caption" and its attribute labels).
+    + SIZE_COLUMNS for image_caption; shapes also has "canonical_caption" and its attribute
+    labels).
     """
     data = config.data
     if data.name not in DATASETS:

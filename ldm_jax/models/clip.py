@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from ldm_jax.models.layers import PARAM_DTYPE, dense
+from ldm_jax.sharding import constrain
 
 Dtype = Any
 
@@ -56,8 +57,11 @@ class CLIPAttention(nn.Module):
     def __call__(self, x, mask):
         b, length, _ = x.shape
         head_dim = self.hidden_size // self.num_heads
-        proj = lambda name: dense(self.hidden_size, self.dtype, name)(x).reshape(
-            b, length, self.num_heads, head_dim
+        proj = lambda name: constrain(
+            dense(self.hidden_size, self.dtype, name)(x).reshape(
+                b, length, self.num_heads, head_dim
+            ),
+            ("batch", None, "heads", None),
         )
         q, k, v = proj("q_proj"), proj("k_proj"), proj("v_proj")
         out = jax.nn.dot_product_attention(
@@ -89,9 +93,10 @@ class CLIPEncoderLayer(nn.Module):
             self.dtype,
             name="self_attn",
         )(ln("layer_norm1")(x), mask)
-        return x + CLIPMLP(self.intermediate_size, self.hidden_act, self.dtype, name="mlp")(
+        x = x + CLIPMLP(self.intermediate_size, self.hidden_act, self.dtype, name="mlp")(
             ln("layer_norm2")(x)
         )
+        return constrain(x, ("batch", None, None))
 
 
 class CLIPMLP(nn.Module):
@@ -104,6 +109,7 @@ class CLIPMLP(nn.Module):
     @nn.compact
     def __call__(self, x):
         h = ACTIVATIONS[self.hidden_act](dense(self.intermediate_size, self.dtype, "fc1")(x))
+        h = constrain(h, ("batch", None, "mlp"))
         return dense(x.shape[-1], self.dtype, "fc2")(h)
 
 

@@ -17,6 +17,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from ldm_jax.sharding import constrain
+
 Dtype = Any
 PARAM_DTYPE = jnp.float32
 
@@ -118,7 +120,7 @@ class ResnetBlock2D(nn.Module):
         h = conv(self.out_channels, 3, self.dtype, "conv2")(h)
         if x.shape[-1] != self.out_channels:  # diffusers' use_in_shortcut default
             x = conv(self.out_channels, 1, self.dtype, "conv_shortcut")(x)
-        return x + h
+        return constrain(x + h, ("batch", None, None, None))
 
 
 # ---------------------------------------------------------------- attention kernels
@@ -365,7 +367,10 @@ class Attention(nn.Module):
         q = dense(inner, self.dtype, "to_q", self.qkv_bias)(x)
         k = dense(inner, self.dtype, "to_k", self.qkv_bias)(context)
         v = dense(inner, self.dtype, "to_v", self.qkv_bias)(context)
-        split = lambda t: t.reshape(t.shape[0], t.shape[1], self.heads, self.dim_head)
+        split = lambda t: constrain(
+            t.reshape(t.shape[0], t.shape[1], self.heads, self.dim_head),
+            ("batch", None, "heads", None),
+        )
         q, k, v = split(q), split(k), split(v)
         out_dtype = q.dtype
         if self.upcast_attention:
@@ -404,7 +409,9 @@ class FeedForward(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        h = GEGLU(self.dim * self.mult, self.dtype, name="net_0")(x)
+        h = constrain(
+            GEGLU(self.dim * self.mult, self.dtype, name="net_0")(x), ("batch", None, "mlp")
+        )
         h = nn.Dropout(self.dropout, deterministic=not train)(h)
         return dense(self.dim, self.dtype, "net_2")(h)
 
@@ -435,7 +442,8 @@ class BasicTransformerBlock(nn.Module):
         )
         x = x + attn("attn1")(ln("norm1")(x))
         x = x + attn("attn2")(ln("norm2")(x), context)
-        return x + FeedForward(self.dim, dtype=self.dtype, name="ff")(ln("norm3")(x), train)
+        x = x + FeedForward(self.dim, dtype=self.dtype, name="ff")(ln("norm3")(x), train)
+        return constrain(x, ("batch", None, None))
 
 
 class Transformer2DModel(nn.Module):

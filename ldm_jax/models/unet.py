@@ -41,6 +41,27 @@ def _per_level(value, n: int) -> tuple:
     return tuple(value)
 
 
+# Rematerialization of the U-Net's resnet and transformer blocks (`remat_policy`): what the
+# backward pass may keep from the forward pass instead of recomputing it (Chen et al. 2016,
+# "Training Deep Nets with Sublinear Memory Cost"; jax.checkpoint policies).
+REMAT_POLICIES = {
+    "none": None,  # no remat: every activation is stored
+    "full": "nothing_saveable",  # store only block inputs, recompute the rest
+    "dots": "dots_with_no_batch_dims_saveable",  # keep linear-layer outputs, recompute the rest
+}
+
+
+def _remat(module_cls, policy: str):
+    """`module_cls` itself, or its `nn.remat` version whose `train` argument (the third after
+    self) is static."""
+    if policy not in REMAT_POLICIES:
+        raise ValueError(f"unknown remat_policy {policy!r}; valid: {', '.join(REMAT_POLICIES)}")
+    if REMAT_POLICIES[policy] is None:
+        return module_cls
+    saveable = getattr(jax.checkpoint_policies, REMAT_POLICIES[policy])
+    return nn.remat(module_cls, policy=saveable, static_argnums=(3,))
+
+
 class _Block(nn.Module):
     """One U-Net level: diffusers' `CrossAttnDownBlock2D` / `DownBlock2D` (`up=False`) or
     `CrossAttnUpBlock2D` / `UpBlock2D` (`up=True`), one module parameterized by `cross_attention`.
@@ -63,16 +84,19 @@ class _Block(nn.Module):
     use_linear_projection: bool = False
     upcast_attention: bool = False
     attention_implementation: str | None = None
+    remat_policy: str = "none"
     dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, h, temb, context, skips: Sequence[jax.Array] = (), train: bool = False):
+        resnet = _remat(ResnetBlock2D, self.remat_policy)
+        transformer = _remat(Transformer2DModel, self.remat_policy)
         skips = list(skips)
         outputs = []
         for j in range(self.num_layers):
             if self.up:
                 h = jnp.concatenate([h, skips.pop()], axis=-1)
-            h = ResnetBlock2D(
+            h = resnet(
                 self.out_channels,
                 self.norm_groups,
                 self.norm_eps,
@@ -81,7 +105,7 @@ class _Block(nn.Module):
                 name=f"resnets_{j}",
             )(h, temb, train)
             if self.cross_attention:
-                h = Transformer2DModel(
+                h = transformer(
                     self.heads,
                     self.out_channels // self.heads,
                     self.transformer_layers,
@@ -112,16 +136,17 @@ class UNetMidBlock2DCrossAttn(nn.Module):
     use_linear_projection: bool = False
     upcast_attention: bool = False
     attention_implementation: str | None = None
+    remat_policy: str = "none"
     dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, h, temb, context, train: bool = False):
         c = h.shape[-1]
-        res = lambda i: ResnetBlock2D(
+        res = lambda i: _remat(ResnetBlock2D, self.remat_policy)(
             c, self.norm_groups, self.norm_eps, self.dropout, dtype=self.dtype, name=f"resnets_{i}"
         )
         h = res(0)(h, temb, train)
-        h = Transformer2DModel(
+        h = _remat(Transformer2DModel, self.remat_policy)(
             self.heads,
             c // self.heads,
             self.transformer_layers,
@@ -187,7 +212,8 @@ class UNet2DConditionModel(nn.Module):
     addition_embed_type: str | None = None  # None or "text_time" (SDXL)
     addition_time_embed_dim: int | None = None  # SDXL: 256
     projection_class_embeddings_input_dim: int | None = None  # SDXL: 2816 = 1280 + 6 * 256
-    attention_implementation: str | None = None  # jax.nn.dot_product_attention: "xla"/"cudnn"
+    attention_implementation: str | None = None  # layers.ATTENTION_IMPLEMENTATIONS; None = auto
+    remat_policy: str = "none"  # REMAT_POLICIES: recompute block activations in the backward pass
     dtype: Dtype = jnp.float32
 
     @nn.compact
@@ -226,6 +252,7 @@ class UNet2DConditionModel(nn.Module):
             "use_linear_projection": self.use_linear_projection,
             "upcast_attention": self.upcast_attention,
             "attention_implementation": self.attention_implementation,
+            "remat_policy": self.remat_policy,
             "dtype": self.dtype,
         }
 

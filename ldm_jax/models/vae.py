@@ -14,6 +14,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from ldm_jax import rng as rng_lib
 from ldm_jax.models.layers import (
     Attention,
     Downsample2D,
@@ -53,7 +54,7 @@ class DiagonalGaussianDistribution:
 
     def sample(self, rng: jax.Array) -> jax.Array:
         """Reparameterized sample mean + std * N(0, I), float32[B, h, w, latent]."""
-        return self.mean + self.std * jax.random.normal(rng, self.mean.shape, self.mean.dtype)
+        return self.mean + self.std * rng_lib.normal(rng, self.mean.shape, self.mean.dtype)
 
     def mode(self) -> jax.Array:
         return self.mean

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ldm_jax import rng as rng_lib
 from ldm_jax.config import read_config
 from ldm_jax.data import latents as latents_lib
 from ldm_jax.data.pipeline import StepIndexedBatches, load_dataset
@@ -90,16 +91,14 @@ def make_loss_fn(ldm: LatentDiffusion, config, empty_ids: np.ndarray):
         k_z, k_cap, k_drop, k_t, k_eps = jax.random.split(rng, 5)
         mean = batch["latent_mean"]
         b = mean.shape[0]
-        z = (mean + batch["latent_std"] * jax.random.normal(k_z, mean.shape)) * frozen[
-            "latent_scale"
-        ]
+        z = (mean + batch["latent_std"] * rng_lib.normal(k_z, mean.shape)) * frozen["latent_scale"]
         canonical = jax.random.bernoulli(k_cap, config.canonical_caption_prob, (b, 1))
         ids = jnp.where(canonical, batch["canonical_ids"], batch["caption_ids"])
         drop = jax.random.bernoulli(k_drop, config.p_uncond, (b, 1))
         ids = jnp.where(drop, jnp.asarray(empty_ids)[None], ids)
         context = ldm.text_encoder.apply(params["text_encoder"], ids).last_hidden_state
         t = jax.random.randint(k_t, (b,), 0, schedule.num_train_timesteps)
-        noise = jax.random.normal(k_eps, z.shape)
+        noise = rng_lib.normal(k_eps, z.shape)
         alpha_bar = schedule.alphas_cumprod[t]
         pred = ldm.unet.apply(
             params["unet"], add_noise(z, noise, alpha_bar), t.astype(jnp.float32), context

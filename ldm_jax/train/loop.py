@@ -97,7 +97,14 @@ def init_state(params, optimizer, frozen=None) -> TrainState:
 
 
 def make_update_fn(
-    loss_fn: Callable, optimizer: optax.GradientTransformation, ema_decay: float, seed: int
+    loss_fn: Callable,
+    optimizer: optax.GradientTransformation,
+    ema_decay: float,
+    seed: int,
+    *,
+    grad_accum_steps: int = 1,
+    mesh=None,
+    rules=sharding_lib.DEFAULT_RULES,
 ):
     """loss_fn(params, frozen, batch, rng) -> (loss, aux metrics) into a pure update step.
 
@@ -105,13 +112,50 @@ def make_update_fn(
     unchanged but for its step count and skip counters, so a state -- and so a checkpoint -- never
     holds NaNs. metrics: loss, grad_norm, the aux values, `skipped_updates` (total so far) and
     `nonfinite_streak` (skips in a row ending at this step), all scalars.
+
+    grad_accum_steps = k > 1 splits the batch into k micro-batches (example i goes to micro-batch
+    i mod k, so each stays spread over every device), runs them one after another in a
+    `lax.scan` and averages their losses and gradients: one update of the whole batch with the
+    activation memory of one micro-batch. Micro-batch j draws its noise from
+    fold_in(step key, j). mesh / rules: activations named in the models (`sharding.constrain`)
+    are pinned to this mesh while the step is traced.
     """
+    if grad_accum_steps < 1:
+        raise ValueError(f"grad_accum_steps must be >= 1, got {grad_accum_steps}")
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def loss_and_grads(params, frozen, batch, rng):
+        if grad_accum_steps == 1:
+            return grad_fn(params, frozen, batch, rng)
+        k = grad_accum_steps
+
+        def micro(x):  # [B, ...] -> [k, B/k, ...], micro-batch j = examples j, j + k, ...
+            if x.shape[0] % k:
+                raise ValueError(
+                    f"batch of {x.shape[0]} does not split into grad_accum_steps={k} micro-batches"
+                )
+            x = jnp.swapaxes(x.reshape(x.shape[0] // k, k, *x.shape[1:]), 0, 1)
+            return sharding_lib.constrain(x, (None, "batch") + (None,) * (x.ndim - 2))
+
+        def body(acc, xs):
+            j, micro_batch = xs
+            out = grad_fn(params, frozen, micro_batch, jax.random.fold_in(rng, j))
+            return jax.tree.map(jnp.add, acc, out), None
+
+        micro_batches = jax.tree.map(micro, batch)
+        first = jax.tree.map(lambda x: x[0], micro_batches)
+        shapes = jax.eval_shape(grad_fn, params, frozen, first, rng)
+        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+        total, _ = jax.lax.scan(body, zeros, (jnp.arange(k), micro_batches))
+        return jax.tree.map(lambda x: x / k, total)  # loss, aux means and gradients: averages
 
     def update(state: TrainState, batch):
+        with sharding_lib.activation_sharding(mesh, rules):
+            return _update(state, batch)
+
+    def _update(state: TrainState, batch):
         rng = jax.random.fold_in(jax.random.key(seed), state.step)
-        (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            state.params, state.frozen, batch, rng
-        )
+        (loss, aux), grads = loss_and_grads(state.params, state.frozen, batch, rng)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         # EMA with the usual warmup (decay grows as (1+n)/(10+n)) so early EMA is not all init.
@@ -142,6 +186,27 @@ def make_update_fn(
         return new, metrics
 
     return update
+
+
+def jit_update_fn(config, loss_fn: Callable, mesh, rules, state_shardings):
+    """The trainers' update step as `run` compiles it: `make_update_fn` with the config's
+    optimizer, EMA, seed and micro-batches, jitted with the declared state and batch shardings,
+    replicated metrics, and the old state donated."""
+    optimizer = make_optimizer(config.optimizer, config.num_train_steps)
+    return jax.jit(
+        make_update_fn(
+            loss_fn,
+            optimizer,
+            config.ema_decay,
+            config.seed,
+            grad_accum_steps=config.get("grad_accum_steps", 1),
+            mesh=mesh,
+            rules=rules,
+        ),
+        in_shardings=(state_shardings, sharding_lib.batch_sharding(mesh)),
+        out_shardings=(state_shardings, sharding_lib.replicated(mesh)),
+        donate_argnums=(0,),
+    )
 
 
 class PreemptionNotice:
@@ -183,7 +248,8 @@ def run(
     config,
     workdir: str | pathlib.Path,
     *,
-    init_fn: Callable[[], TrainState],
+    init_fn: Callable[..., TrainState],
+    init_args: tuple = (),
     loss_fn: Callable,
     batches,
     signature: dict,
@@ -191,19 +257,24 @@ def run(
 ) -> TrainState:
     """The training loop: restore or init, then update / log / sample / checkpoint until done.
 
-    init_fn() -> a fresh TrainState (host arrays); batches[step] -> this process's part of the
+    init_fn(*init_args) -> a fresh TrainState, run under `jax.jit` straight into the state's
+    shardings; pretrained weights go in `init_args` (host arrays), not in init_fn's closure, which
+    would compile them into the program as constants. batches[step] -> this process's part of the
     batch of `step` (a dict of arrays, leading dimension = global batch / process count).
     Raises NonFiniteLossError after `config.max_consecutive_nonfinite` skipped updates in a row,
     and Preempted after a SIGTERM once the state of the current step boundary is saved.
     """
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    mesh = sharding_lib.make_mesh(config.mesh)
-    repl = sharding_lib.replicated(mesh)
+    mesh = sharding_lib.mesh_from_config(config)
+    rules = sharding_lib.rules_from_config(config)
+    log.info("mesh %s over %d devices", dict(mesh.shape), mesh.size)
 
-    # --- State: shapes first, then restore the latest complete checkpoint or initialize. ---
-    abstract = jax.eval_shape(init_fn)
-    state_shardings = jax.tree.map(lambda _: repl, abstract)
+    # --- State: shapes first, then shardings from the parameters' logical axis names (FSDP /
+    # tensor parallel per config.sharding_rules), then restore the latest complete checkpoint
+    # or initialize directly into those shardings. ---
+    abstract = jax.eval_shape(init_fn, *init_args)
+    state_shardings = sharding_lib.tree_shardings(abstract, mesh, rules)
     checkpointer = Checkpointer(
         workdir,
         max_to_keep=config.max_checkpoints_to_keep,
@@ -219,17 +290,11 @@ def run(
         )
         log.info("resumed from %s at step %d", checkpointer.directory, latest)
     else:
-        state = jax.jit(init_fn, out_shardings=state_shardings)()
+        state = jax.jit(init_fn, out_shardings=state_shardings)(*init_args)
     if jax.process_index() == 0:
         save_config(config, workdir / "config.json")
 
-    optimizer = make_optimizer(config.optimizer, config.num_train_steps)
-    update = jax.jit(
-        make_update_fn(loss_fn, optimizer, config.ema_decay, config.seed),
-        in_shardings=(state_shardings, sharding_lib.batch_sharding(mesh)),
-        out_shardings=(state_shardings, repl),
-        donate_argnums=(0,),
-    )
+    update = jit_update_fn(config, loss_fn, mesh, rules, state_shardings)
     if jax.process_count() > 1 and config.num_train_steps > int(state.step):
         # Compile before the first collective, then wait for the slowest process (see barrier).
         first = sharding_lib.global_batch(mesh, batches[int(state.step)])

@@ -7,7 +7,8 @@ Every sampler is `sampler(model_fn, noise, schedule, num_steps, rng, **options) 
 - noise: standard-normal f32[B,...] initial noise (each sampler scales it as its algorithm needs);
 - schedule: a `NoiseSchedule`; num_steps: static int; rng: PRNG key (used by stochastic ones);
 - options: keyword-only, in diffusers' vocabulary (`prediction_type`, `timestep_spacing`,
-  `steps_offset`, `use_karras_sigmas`, ...).
+  `steps_offset`, `use_karras_sigmas`, ...); the VP solvers (DPM-Solver, UniPC, DEIS) also take
+  `sigmas`, an explicit schedule (e.g. an optimized one, see experiments/sampler_benchmark).
 Timesteps and sigmas are computed on the host from the static `num_steps`, so changing the seed,
 prompts or guidance scale reuses the compiled loop.
 
@@ -19,6 +20,10 @@ Karras et al. 2022 / k-diffusion: Euler, Heun, LMS, DPM2 and ancestral variants)
 from __future__ import annotations
 
 from collections.abc import Callable
+
+import jax.numpy as jnp
+
+from ldm_jax import rng
 
 SAMPLERS: dict[str, Callable] = {}
 
@@ -45,6 +50,12 @@ def sampler_names() -> list[str]:
     return sorted(SAMPLERS)
 
 
+def normal_like(key, x: jnp.ndarray) -> jnp.ndarray:
+    """Standard-normal noise of x's shape and dtype (`ldm_jax.rng.normal`: the values of
+    `jax.random.normal`, compiled faster on CPU)."""
+    return rng.normal(key, x.shape, x.dtype)
+
+
 # Importing the family modules fills the registry (they import `register` from here).
 from ldm_jax.diffusion.samplers import (  # noqa: E402
     deis,  # noqa: F401
@@ -56,4 +67,12 @@ from ldm_jax.diffusion.samplers import (  # noqa: E402
 )
 from ldm_jax.diffusion.samplers.ddim_ddpm import ddim, ddpm  # noqa: E402
 
-__all__ = ["SAMPLERS", "ddim", "ddpm", "get_sampler", "register", "sampler_names"]
+__all__ = [
+    "SAMPLERS",
+    "ddim",
+    "ddpm",
+    "get_sampler",
+    "normal_like",
+    "register",
+    "sampler_names",
+]

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ldm_jax.diffusion.objectives import PREDICTION_TYPES
+from ldm_jax.diffusion.samplers import normal_like
 from ldm_jax.diffusion.schedules import (
     TIMESTEP_SPACINGS,
     NoiseSchedule,
@@ -92,6 +93,7 @@ def timesteps_and_sigmas(
     round_timesteps: bool = True,
     sigma_min: float | None = None,
     sigma_max: float | None = None,
+    custom_sigmas=None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(int64[N] model timesteps, float64[N] solver sigmas), before the final sigma is appended.
 
@@ -100,10 +102,17 @@ def timesteps_and_sigmas(
     / uniform-in-log-sigma ("lu": Lu et al. 2022b) between the training extremes, and the model is
     called at `_sigma_to_t` of each, rounded (`round_timesteps`) or else truncated to an integer --
     diffusers' int64 cast -- so the model's noise level differs slightly from the solver's sigma.
+    `custom_sigmas` (the samplers' `sigmas` option): an explicit decreasing schedule of N sigmas
+    within the training range; the model is then called at their exact fractional timesteps
+    (float64), so it sees the solver's own noise levels.
     """
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
     sig = train_sigmas(acp)
+    if custom_sigmas is not None:
+        if sigma_schedule is not None:
+            raise ValueError(f"give either sigmas or a {sigma_schedule} sigma schedule, not both")
+        return custom_sigma_schedule(sig, num_steps, custom_sigmas)
     ts = spaced_timesteps(num_steps, len(acp), timestep_spacing, steps_offset, last)
     if sigma_schedule is None:
         return ts, np.interp(ts, np.arange(len(sig)), sig)
@@ -125,6 +134,21 @@ def timesteps_and_sigmas(
         raise ValueError(f"unknown sigma schedule {sigma_schedule!r}")
     t = sigma_to_t(sigmas, log_sig)
     return (t.round() if round_timesteps else t).astype(np.int64), sigmas
+
+
+def custom_sigma_schedule(sig: np.ndarray, num_steps: int, sigmas) -> tuple[np.ndarray, np.ndarray]:
+    """(float64[N] fractional model timesteps, float64[N] sigmas) of an explicit schedule, checked:
+    N decreasing sigmas inside the training range [sig[0], sig[-1]] (a network knows no others).
+    Optimized schedules (e.g. Align Your Steps, Sabour et al. 2024; LD3, Tong et al. 2024) are
+    given this way; diffusers takes them as `set_timesteps(timesteps=...)` or `(sigmas=...)`."""
+    s = np.asarray(sigmas, np.float64)
+    lo, hi = float(sig[0]) * (1 - 1e-6), float(sig[-1]) * (1 + 1e-6)
+    if s.shape != (num_steps,) or np.any(np.diff(s) >= 0) or s.min() < lo or s.max() > hi:
+        raise ValueError(
+            f"sigmas must be {num_steps} decreasing values in the training range "
+            f"[{sig[0]:.4g}, {sig[-1]:.4g}], got {np.round(s, 4).tolist()}"
+        )
+    return sigma_to_t(np.clip(s, sig[0], sig[-1]), np.log(sig)), s
 
 
 def sigma_schedule_option(
@@ -263,7 +287,7 @@ def run_plan(
         x = c_anchor[i] * anchor + combine(c_hist[i], hist)
         if stochastic:
             key, sub = jax.random.split(key)
-            x = x + c_noise[i] * jax.random.normal(sub, x.shape, x.dtype)
+            x = x + c_noise[i] * normal_like(sub, x)
         return x, anchor, hist, key
 
     key = rng if rng is not None else jax.random.key(0)

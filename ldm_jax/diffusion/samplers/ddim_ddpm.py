@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 
 from ldm_jax.diffusion.objectives import predict_x0_and_eps
-from ldm_jax.diffusion.samplers import register
+from ldm_jax.diffusion.samplers import normal_like, register
 from ldm_jax.diffusion.schedules import NoiseSchedule, inference_timesteps
 
 
@@ -53,6 +53,8 @@ def ddim(
     batch = noise.shape[0]
     if rng is None:
         rng = jax.random.key(0)
+    # eta = 0 given as a number: draw no noise at all (it would be multiplied by 0).
+    deterministic = isinstance(eta, (int, float)) and eta == 0
 
     def step(i, carry):
         x, key = carry
@@ -63,10 +65,11 @@ def ddim(
             x0 = jnp.clip(x0, -clip_sample_range, clip_sample_range)
         sigma = eta * jnp.sqrt((1 - a_prev) / (1 - a)) * jnp.sqrt(1 - a / a_prev)
         key, sub = jax.random.split(key)
-        z = jax.random.normal(sub, x.shape, x.dtype)
         direction = jnp.sqrt(jnp.clip(1 - a_prev - sigma**2, 0.0)) * eps
-        x = jnp.sqrt(a_prev) * x0 + direction + sigma * z
-        return x, key
+        x_prev = jnp.sqrt(a_prev) * x0 + direction
+        if not deterministic:
+            x_prev = x_prev + sigma * normal_like(sub, x)
+        return x_prev, key
 
     x, _ = jax.lax.fori_loop(0, num_steps, step, (noise, rng))
     return x
@@ -106,7 +109,7 @@ def ddpm(
         ) * x
         var = jnp.clip((1 - a_prev) / (1 - a) * beta, 1e-20)
         key, sub = jax.random.split(key)
-        z = jax.random.normal(sub, x.shape, x.dtype)
+        z = normal_like(sub, x)
         last = i == num_steps - 1  # no noise is added at the final step
         x = mean + jnp.where(last, 0.0, jnp.sqrt(var)) * z
         return x, key

@@ -71,6 +71,7 @@ def deis(
     use_karras_sigmas: bool = False,
     use_exponential_sigmas: bool = False,
     use_beta_sigmas: bool = False,
+    sigmas=None,
     thresholding: bool = False,
     dynamic_thresholding_ratio: float = 0.995,
     sample_max_value: float = 1.0,
@@ -85,6 +86,8 @@ def deis(
     """DEIS multistep sampler, orders 1-3, as diffusers' DEISMultistepScheduler with its option
     names and defaults; NFE = num_steps. The final sigma is the smallest one (the training
     minimum, or the last Karras/exponential/beta sigma), never zero, as in diffusers.
+    `sigmas`: an explicit schedule as in `dpm_solver_multistep` (then ending at the training
+    minimum).
     `flow_shift`, `time_shift_type` are accepted and unused."""
     del flow_shift, time_shift_type
     _vp.check_vp_options(
@@ -110,6 +113,7 @@ def deis(
         steps_offset=steps_offset,
         sigma_schedule=kind,
         round_timesteps=kind in (None, "karras"),
+        custom_sigmas=sigmas,
     )
     final = float(_vp.train_sigmas(acp)[0]) if kind is None else sigmas[-1]
     sigmas = np.append(sigmas, final).astype(np.float32)

@@ -205,6 +205,7 @@ def dpm_solver_multistep(
     use_exponential_sigmas: bool = False,
     use_beta_sigmas: bool = False,
     use_lu_lambdas: bool = False,
+    sigmas=None,
     final_sigmas_type: str = "zero",
     lambda_min_clipped: float = -float("inf"),
     thresholding: bool = False,
@@ -229,6 +230,9 @@ def dpm_solver_multistep(
     accepted for config compatibility and unused (no flow sigmas). SDE variants need `rng`.
     `diffusers_sde_third_order` (not a diffusers option): True reproduces diffusers' third-order
     SDE step, False corrects its D2 coefficient (see `_phi`; `dpmpp_3m_sde` uses False).
+    `sigmas`: an explicit schedule of num_steps decreasing sigmas instead of the spaced or
+    Karras/... ones (diffusers' custom `timesteps`); the model is called at their fractional
+    timesteps (`_vp.custom_sigma_schedule`).
     """
     del flow_shift, time_shift_type
     algorithm_type, solver_type, acp, final = _setup(
@@ -256,6 +260,7 @@ def dpm_solver_multistep(
         last=_vp.last_timestep(acp, lambda_min_clipped),
         sigma_schedule=kind,
         round_timesteps=kind in (None, "karras", "lu") and beta_schedule != "squaredcos_cap_v2",
+        custom_sigmas=sigmas,
     )
     sigmas = np.append(sigmas, final).astype(np.float32)
     orders = _vp.multistep_orders(
@@ -292,6 +297,7 @@ def dpm_solver_singlestep(
     use_karras_sigmas: bool = False,
     use_exponential_sigmas: bool = False,
     use_beta_sigmas: bool = False,
+    sigmas=None,
     final_sigmas_type: str = "zero",
     lambda_min_clipped: float = -float("inf"),
     thresholding: bool = False,
@@ -314,7 +320,8 @@ def dpm_solver_singlestep(
     diffusers' singlestep scheduler has no timestep spacing: its timesteps are always "linspace"
     from T - 1, so `timestep_spacing` / `steps_offset` are accepted for the common signature and
     ignored. Thresholding needs dpmsolver++ (diffusers' noise-prediction path for it is broken).
-    `diffusers_sde_third_order` as in `dpm_solver_multistep` (heun solver type only).
+    `diffusers_sde_third_order` and `sigmas` as in `dpm_solver_multistep` (the former for the heun
+    solver type only).
     """
     del timestep_spacing, steps_offset, flow_shift, time_shift_type
     algorithm_type, solver_type, acp, final = _setup(
@@ -340,6 +347,7 @@ def dpm_solver_singlestep(
         last=_vp.last_timestep(acp, lambda_min_clipped),
         sigma_schedule=kind,
         round_timesteps=kind in (None, "karras"),
+        custom_sigmas=sigmas,
     )
     sigmas = np.append(sigmas, final).astype(np.float32)
     orders = _singlestep_orders(

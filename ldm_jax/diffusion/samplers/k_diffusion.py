@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ldm_jax.diffusion.objectives import PREDICTION_TYPES
-from ldm_jax.diffusion.samplers import register
+from ldm_jax.diffusion.samplers import normal_like, register
 from ldm_jax.diffusion.schedules import (
     NoiseSchedule,
     inference_sigmas,
@@ -51,7 +51,7 @@ def _denoise(model_fn, x, sigma, t, prediction_type, clip_range=None):
 
 
 def _normal(rng, i, like):
-    return jax.random.normal(jax.random.fold_in(rng, i), like.shape, like.dtype)
+    return normal_like(jax.random.fold_in(rng, i), like)
 
 
 def _need_rng(rng, name):

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ldm_jax.diffusion.objectives import PREDICTION_TYPES, predict_x0_and_eps
-from ldm_jax.diffusion.samplers import register
+from ldm_jax.diffusion.samplers import normal_like, register
 from ldm_jax.diffusion.schedules import NoiseSchedule, concrete_alphas_cumprod
 
 
@@ -93,11 +93,7 @@ def lcm(
         elif clip_sample:
             x0 = jnp.clip(x0, -clip_sample_range, clip_sample_range)
         denoised = c_out[i] * x0 + c_skip[i] * x
-        z = (
-            jax.random.normal(jax.random.fold_in(rng, i), x.shape, x.dtype)
-            if rng is not None
-            else 0
-        )
+        z = normal_like(jax.random.fold_in(rng, i), x) if rng is not None else 0
         renoised = jnp.sqrt(a_prev[i]) * denoised + jnp.sqrt(1 - a_prev[i]) * z
         return jnp.where(i == num_steps - 1, denoised, renoised)
 

@@ -98,6 +98,7 @@ def unipc(
     use_karras_sigmas: bool = False,
     use_exponential_sigmas: bool = False,
     use_beta_sigmas: bool = False,
+    sigmas=None,
     sigma_min: float | None = None,
     sigma_max: float | None = None,
     final_sigmas_type: str = "zero",
@@ -118,9 +119,11 @@ def unipc(
     UniPCMultistepScheduler with its option names and defaults; NFE = num_steps.
 
     disable_corrector: step indices whose corrector is skipped (diffusers' list). sigma_min /
-    sigma_max bound the Karras / exponential / beta sigmas. One deliberate difference: with
-    solver_type="bh1" and a zero final sigma diffusers returns NaN (0 * inf); here the final
-    first-order step is finite. `flow_shift`, `time_shift_type` are accepted and unused.
+    sigma_max bound the Karras / exponential / beta sigmas. `sigmas`: an explicit schedule of
+    num_steps decreasing sigmas, the model called at their fractional timesteps
+    (`_vp.custom_sigma_schedule`). One deliberate difference: with solver_type="bh1" and a zero
+    final sigma diffusers returns NaN (0 * inf); here the final first-order step is finite.
+    `flow_shift`, `time_shift_type` are accepted and unused.
     """
     del flow_shift, time_shift_type
     _vp.check_vp_options(
@@ -149,8 +152,10 @@ def unipc(
         round_timesteps=kind in (None, "karras"),
         sigma_min=sigma_min,
         sigma_max=sigma_max,
+        custom_sigmas=sigmas,
     )
-    # "sigma_min": the last sigma of a Karras/exponential/beta ramp, else the training minimum.
+    # "sigma_min": the last sigma of a Karras/exponential/beta ramp, else (spaced timesteps or
+    # custom `sigmas`) the training minimum.
     smallest = float(_vp.train_sigmas(acp)[0]) if kind is None else sigmas[-1]
     final = 0.0 if final_sigmas_type == "zero" else smallest
     sigmas = np.append(sigmas, final).astype(np.float32)

@@ -1,0 +1,477 @@
+"""Fine-tuning the U-Net of a pretrained Stable Diffusion checkpoint (SD 1.x, 2.x, XL).
+
+  ldm-jax train --config configs/sd15_finetune.py --workdir runs/sd15_finetune \
+      --config.pretrained=models/stable-diffusion-v1-5 --config.data.path=/data/my_photos
+
+The recipe of diffusers' `examples/text_to_image/train_text_to_image.py` and
+`train_text_to_image_sdxl.py`, on the shared loop (`ldm_jax/train/loop.py`: resume, EMA,
+checkpoints, metrics):
+
+- `config.pretrained` (a diffusers folder or an original single file) is loaded with
+  `ldm_jax.convert.load_pretrained`. Only the U-Net is trained; the VAE and the text encoder(s)
+  are frozen: they live in `state.frozen`, outside the optimizer and the gradients.
+- The noise schedule and prediction type are the checkpoint's own: its `scheduler_config.json`
+  read as diffusers' scripts read it (`DDPMScheduler.from_pretrained(..., subfolder="scheduler")`),
+  so SD 1.5 trains on epsilon and SD 2.1-v on v; `config.prediction_type` overrides.
+- Every step encodes its own images with the frozen VAE (a posterior sample times the
+  checkpoint's scaling factor) and its captions with the frozen text encoder(s), inside the
+  jitted update, as diffusers' SD 1.x script does. Nothing is precomputed, so a dataset of any size
+  streams from disk, and flips and caption dropout are drawn afresh every epoch. The VAE runs in
+  float32 whatever `config.compute_dtype` is (diffusers: "The VAE is in float32 to avoid NaN losses").
+- Captions are replaced by the unconditional input with probability `p_uncond`, so the model
+  keeps the unconditional score that classifier-free guidance needs (Ho & Salimans 2022): the
+  encoded empty prompt (the scripts' `--proportion_empty_prompts`), or zero embeddings for
+  checkpoints whose pipeline uses zeros as the unconditional input (SDXL base,
+  `force_zeros_for_empty_prompt`; Stability's sgm `GeneralConditioner` zeroes the embeddings of
+  dropped captions in training). `config.uncond` = "auto" picks what the checkpoint's pipeline
+  does at inference.
+- SDXL's added conditioning: the pooled text embedding and the time ids (original size, crop
+  top-left, target size; Podell et al. 2023, Sec. 2.2) of every example, as
+  `train_text_to_image_sdxl.py` computes them for center crops. A flip leaves the crop corner as
+  it is: the mirror image of a centered crop is centered (to within the rounding of one pixel).
+- Options: Min-SNR-gamma loss weights (Hang et al. 2023; `loss_weighting="min_snr"`) and offset
+  noise (Guttenberg 2023, "Diffusion with Offset Noise"; `noise_offset`, 0.1 in his post).
+
+Where this differs from the diffusers scripts, on purpose: SDXL's dropped captions are zeros by
+default (the script encodes "": `--config.uncond=empty_prompt` does that); a flipped example keeps
+its crop corner (the script sets x1 = width - x1, which is not the mirrored crop's corner);
+Min-SNR for v-prediction weighs by min(SNR, gamma) / (SNR + 1), Hang et al.'s weight, where the
+script uses min(SNR + 1, gamma) / (SNR + 1).
+
+At the end, the EMA U-Net (with the frozen VAE, text encoders, tokenizers and the scheduler of the
+checkpoint) is written as a diffusers folder to `<workdir>/export`:
+`ldm-jax sample --pretrained <workdir>/export` and diffusers' `from_pretrained` load it.
+`export_checkpoint(workdir)` does the same for the latest checkpoint of an unfinished run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import pathlib
+import shutil
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ldm_jax import rng as rng_lib
+from ldm_jax.config import read_config
+from ldm_jax.convert import configs as convert_configs
+from ldm_jax.convert import load_pretrained, save_pretrained
+from ldm_jax.data.pipeline import SIZE_COLUMNS, StepIndexedBatches, load_dataset
+from ldm_jax.diffusion.objectives import (
+    PREDICTION_TYPES,
+    add_noise,
+    loss_weight,
+    training_target,
+)
+from ldm_jax.diffusion.schedules import NoiseSchedule, sampler_from_scheduler_config
+from ldm_jax.sd_pipeline import SD_SCHEDULER_DEFAULTS, StableDiffusion, encode_prompt, generate
+from ldm_jax.train import images as image_lib
+from ldm_jax.train import loop
+from ldm_jax.train.checkpointing import Checkpointer
+
+log = logging.getLogger("ldm_jax")
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+UNCOND_MODES = ("auto", "empty_prompt", "zeros")
+TRAINABLE_KINDS = ("sd1", "sd2", "sdxl")
+
+
+# --- The checkpoint -------------------------------------------------------------------------------
+
+
+def load_model(config):
+    """The checkpoint of `config.pretrained`; U-Net and text encoders in `config.compute_dtype`
+    (the U-Net with `config.remat_policy`), the VAE in float32."""
+    if not config.pretrained:
+        raise ValueError(
+            "config.pretrained is empty: give a diffusers folder or a single-file checkpoint, "
+            "e.g. --config.pretrained=models/stable-diffusion-v1-5"
+        )
+    if config.compute_dtype not in DTYPES:
+        raise ValueError(
+            f"unknown compute_dtype {config.compute_dtype!r}; valid: {', '.join(DTYPES)}"
+        )
+    model = load_pretrained(
+        config.pretrained,
+        variant=config.variant or None,
+        tokenizer_dir=config.tokenizer_dir or None,
+        tokenizer_2_dir=config.tokenizer_2_dir or None,
+    )
+    if model.kind not in TRAINABLE_KINDS:
+        raise ValueError(
+            f"{config.pretrained} is a {model.kind} checkpoint; fine-tuning supports "
+            f"{', '.join(TRAINABLE_KINDS)} (the refiner's aesthetic-score and the inpainting "
+            "U-Nets' mask inputs need data this trainer does not make)"
+        )
+    model.get_tokenizers()  # a single file without tokenizer_dir: say what to pass, now
+    compute = {"dtype": DTYPES[config.compute_dtype]}
+    if config.attention_implementation:
+        compute["attention_implementation"] = config.attention_implementation
+    return dataclasses.replace(
+        model,
+        unet=model.unet.clone(remat_policy=config.remat_policy, **compute),
+        vae=model.vae.clone(dtype=jnp.float32),
+        text_encoders=tuple(m.clone(**compute) for m in model.text_encoders),
+    )
+
+
+def training_schedule(model, prediction_type: str = "") -> tuple[NoiseSchedule, str]:
+    """(schedule, prediction type) of the checkpoint, as diffusers' training scripts build them:
+    `DDPMScheduler.from_pretrained(<checkpoint>, subfolder="scheduler")` reads the betas (and
+    rescale_betas_zero_snr) of whatever scheduler class the checkpoint names."""
+    scheduler = {**SD_SCHEDULER_DEFAULTS, **model.scheduler_config, "_class_name": "DDPMScheduler"}
+    _, _, schedule = sampler_from_scheduler_config(scheduler)
+    prediction_type = prediction_type or scheduler.get("prediction_type") or "epsilon"
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(
+            f"unknown prediction_type {prediction_type!r}; valid: {', '.join(PREDICTION_TYPES)}"
+        )
+    return schedule, prediction_type
+
+
+def uses_zero_uncond(model) -> bool:
+    """Whether the checkpoint's pipeline feeds zeros as the unconditional embeddings."""
+    return StableDiffusion.from_model(model).force_zeros_for_empty_prompt
+
+
+def signature(model) -> dict:
+    """What fixes the shapes of the train state: the architectures of all four components."""
+    return {
+        "kind": model.kind,
+        "unet": convert_configs.unet_to_config(model.unet),
+        "vae": convert_configs.vae_to_config(model.vae),
+        "text_encoders": [convert_configs.clip_to_config(m) for m in model.text_encoders],
+    }
+
+
+def frozen_params(model) -> dict:
+    """The frozen part of the train state: {"vae": ..., "text_encoders": {slot: ...}}."""
+    slots = model.text_encoder_slots
+    return {"vae": model.vae_params, "text_encoders": dict(zip(slots, model.text_encoder_params))}
+
+
+def with_params(model, unet_params, frozen: dict):
+    """`model` holding the given U-Net parameters and frozen parameters."""
+    return dataclasses.replace(
+        model,
+        unet_params=unet_params,
+        vae_params=frozen["vae"],
+        text_encoder_params=tuple(frozen["text_encoders"][s] for s in model.text_encoder_slots),
+    )
+
+
+# --- Data ----------------------------------------------------------------------------------------
+
+
+def token_ids(tokenizer, texts) -> np.ndarray:
+    """int32[N, model_max_length]: padded and truncated, as the scripts' `tokenize_captions`."""
+    return np.asarray(
+        tokenizer(
+            [str(t) for t in texts],
+            padding="max_length",
+            max_length=tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="np",
+        ).input_ids,
+        np.int32,
+    )
+
+
+class CaptionBatches:
+    """batches[step] -> the examples of `step` (StepIndexedBatches) with captions as token ids:
+    {"image": uint8[B, H, W, 3], "input_ids": (int32[B, L], ...) one per tokenizer, and for SDXL
+    "original_size", "crop_top_left": int32[B, 2]}."""
+
+    def __init__(self, examples: StepIndexedBatches, tokenizers):
+        self.examples, self.tokenizers = examples, tuple(tokenizers)
+        # What checkpoints record as the data position (checkpointing.data_position).
+        self.seed = examples.seed
+        self.global_batch_size = examples.global_batch_size
+        self.num_examples = examples.num_examples
+
+    def __getitem__(self, step: int) -> dict:
+        batch = dict(self.examples[step])
+        captions = batch.pop("caption")
+        batch["input_ids"] = tuple(token_ids(t, captions) for t in self.tokenizers)
+        return batch
+
+
+def make_batches(config, model) -> CaptionBatches:
+    if config.data.get("precomputed_latents_dir"):
+        raise ValueError(
+            "data.precomputed_latents_dir: the finetune stage encodes images with the "
+            "checkpoint's VAE in each step and does not read `ldm-jax encode` latents; leave it empty"
+        )
+    data = load_dataset(config, "train")
+    arrays = {"image": data["image"], "caption": data["caption"]}
+    if model.kind == "sdxl":
+        if all(k in data for k in SIZE_COLUMNS):
+            arrays.update({k: data[k] for k in SIZE_COLUMNS})
+        else:  # diffusers' pipelines' defaults: the image as it is, uncropped
+            n, size = len(data["image"]), config.data.image_size
+            log.warning(
+                "%s records no original image sizes: SDXL's original_size is taken to be "
+                "the training size, crop_top_left (0, 0)",
+                config.data.name,
+            )
+            arrays["original_size"] = np.full((n, 2), size, np.int32)
+            arrays["crop_top_left"] = np.zeros((n, 2), np.int32)
+    examples = StepIndexedBatches(arrays, config.batch_size, config.seed)
+    log.info("%s: %d examples", config.data.name, examples.num_examples)
+    return CaptionBatches(examples, model.get_tokenizers())
+
+
+# --- The objective -------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+    """What a training step computes; fixed for a run. `model` holds the modules (its parameters
+    are not read here: the U-Net's come from the train state, the frozen ones from state.frozen)."""
+
+    model: Any
+    schedule: NoiseSchedule
+    prediction_type: str
+    p_uncond: float
+    uncond: str  # "empty_prompt" or "zeros"
+    empty_ids: tuple  # int32[L] per tokenizer: the empty prompt
+    image_size: int
+    random_flip: bool
+    loss_weighting: str = "none"
+    min_snr_gamma: float = 5.0
+    noise_offset: float = 0.0
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        side = self.image_size // self.model.vae_scale_factor
+        return side, side, self.model.vae.latent_channels
+
+
+def make_objective(config, model) -> Objective:
+    schedule, prediction_type = training_schedule(model, config.prediction_type)
+    if config.uncond not in UNCOND_MODES:
+        raise ValueError(f"unknown uncond {config.uncond!r}; valid: {', '.join(UNCOND_MODES)}")
+    uncond = config.uncond
+    if uncond == "auto":
+        uncond = "zeros" if uses_zero_uncond(model) else "empty_prompt"
+    multiple = model.vae_scale_factor * 2 ** (len(model.unet.block_out_channels) - 1)
+    if config.data.image_size % multiple:
+        raise ValueError(
+            f"data.image_size must be a multiple of {multiple}, got {config.data.image_size}"
+        )
+    log.info(
+        "fine-tuning a %s U-Net: prediction_type %s, unconditional input %s (p=%g)",
+        model.kind,
+        prediction_type,
+        uncond,
+        config.p_uncond,
+    )
+    return Objective(
+        model=dataclasses.replace(model, unet_params=None, vae_params=None, text_encoder_params=()),
+        schedule=schedule,
+        prediction_type=prediction_type,
+        p_uncond=float(config.p_uncond),
+        uncond=uncond,
+        empty_ids=tuple(token_ids(t, [""])[0] for t in model.get_tokenizers()),
+        image_size=int(config.data.image_size),
+        random_flip=bool(config.data.random_flip),
+        loss_weighting=config.loss_weighting,
+        min_snr_gamma=float(config.min_snr_gamma),
+        noise_offset=float(config.noise_offset),
+    )
+
+
+def sample_draws(objective: Objective, rng: jax.Array, batch_size: int) -> dict:
+    """The randomness of one step: posterior and diffusion noise f32[B, h, w, c], offset noise
+    f32[B, 1, 1, c], timesteps int32[B], caption dropout and flips bool[B], a dropout key."""
+    shape = (batch_size, *objective.latent_shape)
+    k = jax.random.split(rng, 7)
+    return {
+        "posterior": rng_lib.normal(k[0], shape),
+        "noise": rng_lib.normal(k[1], shape),
+        "offset": rng_lib.normal(k[2], (batch_size, 1, 1, shape[-1])),
+        "t": jax.random.randint(k[3], (batch_size,), 0, objective.schedule.num_train_timesteps),
+        "drop": jax.random.bernoulli(k[4], objective.p_uncond, (batch_size,)),
+        "flip": jax.random.bernoulli(k[5], 0.5, (batch_size,)) & objective.random_flip,
+        "dropout": k[6],
+    }
+
+
+def encode_captions(objective: Objective, frozen, input_ids, drop):
+    """(encoder_hidden_states f32[B, L, D], pooled f32[B, P] or None) with dropped captions
+    replaced by the unconditional input."""
+    model = objective.model
+    if objective.uncond == "empty_prompt":
+        input_ids = tuple(
+            jnp.where(drop[:, None], jnp.asarray(empty)[None], ids)
+            for empty, ids in zip(objective.empty_ids, input_ids, strict=True)
+        )
+    params = tuple(frozen["text_encoders"][s] for s in model.text_encoder_slots)
+    context, pooled = encode_prompt(model, params, input_ids)
+    if objective.uncond == "zeros":
+        keep = 1.0 - drop.astype(jnp.float32)
+        context = context * keep[:, None, None]
+        pooled = None if pooled is None else pooled * keep[:, None]
+    return context, pooled
+
+
+def loss_with_draws(objective: Objective, params, frozen, batch, draws):
+    """The weighted MSE of the U-Net's output to its target (eps / v / x0) -> (loss, aux)."""
+    model = objective.model
+    x = batch["image"].astype(jnp.float32) / 127.5 - 1.0
+    x = jnp.where(draws["flip"][:, None, None, None], x[:, :, ::-1], x)
+    posterior = model.vae.apply(frozen["vae"], x, method=model.vae.encode)
+    latents = (posterior.mean + posterior.std * draws["posterior"]) * model.scaling_factor
+    context, pooled = encode_captions(objective, frozen, batch["input_ids"], draws["drop"])
+    latents, context, pooled = jax.lax.stop_gradient((latents, context, pooled))
+    added = None
+    if pooled is not None:  # SDXL: diffusers' `compute_time_ids` with target = the crop size
+        target_size = jnp.full_like(batch["original_size"], objective.image_size)
+        time_ids = jnp.concatenate(
+            [batch["original_size"], batch["crop_top_left"], target_size], axis=-1
+        )
+        added = {"text_embeds": pooled, "time_ids": time_ids.astype(jnp.float32)}
+    noise = draws["noise"] + objective.noise_offset * draws["offset"]
+    t = draws["t"]
+    alpha_bar = objective.schedule.alphas_cumprod[t]
+    pred = model.unet.apply(
+        params,
+        add_noise(latents, noise, alpha_bar),
+        t.astype(jnp.float32),
+        context,
+        train=True,
+        added_cond_kwargs=added,
+        rngs={"dropout": draws["dropout"]},
+    )
+    target = training_target(latents, noise, alpha_bar, objective.prediction_type)
+    mse = jnp.mean((pred.astype(jnp.float32) - target) ** 2, axis=(1, 2, 3))
+    weight = loss_weight(
+        alpha_bar, objective.prediction_type, objective.loss_weighting, objective.min_snr_gamma
+    )
+    return jnp.mean(weight * mse), {"mse": jnp.mean(mse)}
+
+
+def make_loss_fn(objective: Objective):
+    """loss_fn(params, frozen, batch, rng) -> (loss, aux), the signature loop.run takes."""
+
+    def loss_fn(params, frozen, batch, rng):
+        draws = sample_draws(objective, rng, batch["image"].shape[0])
+        return loss_with_draws(objective, params, frozen, batch, draws)
+
+    return loss_fn
+
+
+# --- Samples and export --------------------------------------------------------------------------
+
+
+def make_on_sample(config, model, workdir: pathlib.Path):
+    """on_sample(step, state): a grid of the sample prompts with the EMA U-Net, one per column."""
+    sd = StableDiffusion.from_model(model)
+    prompts = list(config.sample.prompts)
+
+    def on_sample(step, state):
+        if not prompts:
+            return None
+        sd.model = with_params(model, state.ema_params, state.frozen)
+        images = generate(
+            sd,
+            prompts,
+            num_inference_steps=config.sample.num_inference_steps,
+            guidance_scale=config.sample.guidance_scale,
+            height=config.data.image_size,
+            width=config.data.image_size,
+            seed=config.sample.seed,
+            sampler=config.sample.sampler or None,
+            batch_size=len(prompts),
+        )
+        if jax.process_index() != 0:
+            return None
+        grid = image_lib.make_grid(images, ncols=len(prompts))
+        return image_lib.save_png(grid, workdir / "samples" / f"step_{step:06d}.png")
+
+    return on_sample
+
+
+def export(model, unet_params, frozen, out: str | pathlib.Path) -> pathlib.Path:
+    """Write `model` with these parameters as a diffusers folder (float32 safetensors), replacing
+    `out` only once the new folder is complete. Process 0 writes; the others return at once."""
+    out = pathlib.Path(out)
+    if jax.process_index() != 0:
+        return out
+    tmp = out.with_name(out.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    host = jax.device_get((unet_params, frozen))
+    save_pretrained(with_params(model, *host), tmp)
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out
+
+
+def export_checkpoint(
+    workdir: str | pathlib.Path, out: str | pathlib.Path | None = None, *, ema: bool = True
+) -> pathlib.Path:
+    """The latest checkpoint of a fine-tuning run as a diffusers folder (default
+    `<workdir>/export`); its EMA U-Net unless ema=False."""
+    workdir = pathlib.Path(workdir)
+    config = read_config(workdir / "config.json")
+    if config.stage != "finetune":
+        raise ValueError(f"{workdir} holds a {config.stage!r} run, not a finetune run")
+    checkpointer = Checkpointer(workdir, read_only=True)
+    step = checkpointer.latest_step()
+    if step is None:
+        raise FileNotFoundError(f"no checkpoint in {checkpointer.directory}")
+    state = checkpointer.restore_raw(step)
+    model = load_model(config)
+    path = export(
+        model, state["ema_params" if ema else "params"], state["frozen"], out or workdir / "export"
+    )
+    log.info("exported step %d of %s to %s", step, workdir, path)
+    return path
+
+
+# --- Training ------------------------------------------------------------------------------------
+
+
+def train_and_evaluate(config, workdir: str | pathlib.Path) -> loop.TrainState:
+    workdir = pathlib.Path(workdir)
+    model = load_model(config)
+    objective = make_objective(config, model)
+
+    # --- Data: images and token ids by (seed, step); decoded, encoded and noised in the step. ---
+    batches = make_batches(config, model)
+
+    # --- Model and optimizer: the U-Net trains, the VAE and text encoders ride in `frozen`. ---
+    optimizer = loop.make_optimizer(config.optimizer, config.num_train_steps)
+    pretrained = jax.tree.map(np.asarray, (model.unet_params, frozen_params(model)))
+
+    def init_fn(unet_params, frozen):
+        return loop.init_state(unet_params, optimizer, frozen)
+
+    state = loop.run(
+        config,
+        workdir,
+        init_fn=init_fn,
+        init_args=pretrained,
+        loss_fn=make_loss_fn(objective),
+        batches=batches,
+        signature=signature(model),
+        on_sample=make_on_sample(config, model, workdir),
+    )
+
+    # --- Export: a diffusers folder with the fine-tuned (EMA) U-Net. ---
+    unet_params = state.ema_params if config.export_ema else state.params
+    path = export(model, unet_params, state.frozen, workdir / "export")
+    log.info(
+        "exported the %s U-Net of step %d to %s (ldm-jax sample --pretrained %s)",
+        "EMA" if config.export_ema else "trained",
+        int(state.step),
+        path,
+        path,
+    )
+    return state

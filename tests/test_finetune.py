@@ -1,0 +1,298 @@
+"""Fine-tuning a pretrained checkpoint (issue 3, "Fine-tuning"), end to end and against diffusers.
+
+Tiny random SD1- and SDXL-style diffusers checkpoints (tests/tiny_checkpoints.py) are fine-tuned
+through `ldm-jax train --config configs/sd15_finetune.py:smoke` (and sdxl_finetune.py) on a tiny
+local folder of PNGs with .txt captions. The loss of one batch is checked against the same step
+written with diffusers / transformers in torch (the computation of diffusers'
+train_text_to_image*.py scripts), on the same noise, timesteps, flips and dropped captions.
+"""
+
+import json
+import logging
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import REPO
+from ldm_jax import cli
+from ldm_jax.config import load_config
+from ldm_jax.convert import load_pretrained
+from ldm_jax.train import finetune
+from ldm_jax.train.checkpointing import Checkpointer
+
+torch = pytest.importorskip("torch")
+diffusers = pytest.importorskip("diffusers")
+
+import tiny_checkpoints as tiny  # noqa: E402 (needs torch, diffusers: after the skips above)
+
+CONFIGS = {
+    "sd15": REPO / "configs" / "sd15_finetune.py",
+    "sdxl": REPO / "configs" / "sdxl_finetune.py",
+}
+SIZE = 16  # the smoke configs' image size: 8 x 8 latents
+# (height, width) of the collection's images: square, wide, tall, larger ones (downscaled).
+PHOTOS = [(16, 16), (16, 24), (24, 16), (20, 30), (32, 32), (16, 20), (18, 18), (40, 16)]
+# One U-Net level (with cross-attention, as SD's first): half the compile time of two levels; the
+# training step's compilation is what these tests spend their time on.
+ONE_LEVEL = dict(
+    block_out_channels=(32,),
+    down_block_types=("CrossAttnDownBlock2D",),
+    up_block_types=("CrossAttnUpBlock2D",),
+)
+COLORS = ("red", "green", "blue", "yellow")
+SHAPES = ("circle", "square")
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    """A folder of 8 PNGs with .txt captions; a TFDS data_dir to prepare it in."""
+    root = tmp_path_factory.mktemp("photos")
+    rng = np.random.default_rng(0)
+    for i, shape in enumerate(PHOTOS):
+        Image.fromarray(rng.integers(0, 256, (*shape, 3), dtype=np.uint8)).save(root / f"{i}.png")
+        caption = f"a {COLORS[i % 4]} {SHAPES[i % 2]}, photo {i}"
+        (root / f"{i}.txt").write_text(caption)
+    return root, tmp_path_factory.mktemp("tfds")
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory, clip_tokenizer_dir):
+    """{"sd15": (folder, pipe), "sdxl": (folder, pipe)}: tiny random diffusers checkpoints."""
+    out = {}
+    sdxl_level = dict(attention_head_dim=(2,), transformer_layers_per_block=(2,))
+    for name, build, kwargs in (
+        ("sd15", tiny.sd_pipeline, ONE_LEVEL),
+        ("sdxl", tiny.sdxl_pipeline, {**ONE_LEVEL, **sdxl_level}),
+    ):
+        pipe = build(clip_tokenizer_dir, **kwargs)
+        folder = tmp_path_factory.mktemp(f"tiny_{name}")
+        pipe.save_pretrained(folder, safe_serialization=True)
+        out[name] = folder, pipe
+    return out
+
+
+def _train_args(name, workdir, checkpoint, photos, *extra):
+    root, data_dir = photos
+    return [
+        "train",
+        "--config",
+        f"{CONFIGS[name]}:smoke",
+        "--workdir",
+        str(workdir),
+        f"--config.pretrained={checkpoint}",
+        f"--config.data.path={root}",
+        f"--config.data.data_dir={data_dir}",
+        *extra,
+    ]
+
+
+def _metrics(workdir):
+    return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _assert_trees(a, b, equal: bool):
+    leaves_a, leaves_b = jax.tree.leaves(a), jax.tree.leaves(b)
+    assert len(leaves_a) == len(leaves_b)
+    same = [np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(leaves_a, leaves_b)]
+    assert all(same) if equal else not all(same)
+
+
+@pytest.fixture(scope="module")
+def sd15_run(tmp_path_factory, checkpoints, photos):
+    """A 2-step run of sd15_finetune.py:smoke, then the same command to 3 steps (a resume)."""
+    folder, _ = checkpoints["sd15"]
+    workdir = tmp_path_factory.mktemp("runs") / "sd15"
+    args = _train_args("sd15", workdir, folder, photos)
+    assert cli.main(args + ["--config.num_train_steps=2"]) == 0
+    log = logging.getLogger("ldm_jax")
+    records, level = [], log.level
+    handler = logging.Handler()
+    handler.emit = records.append
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)  # pytest's handlers on the root logger make basicConfig a no-op
+    try:
+        assert cli.main(args) == 0  # num_train_steps = 3
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
+    messages = [r.getMessage() for r in records]
+    return workdir, messages, Checkpointer(workdir, read_only=True).restore_raw(3)
+
+
+@pytest.mark.slow
+def test_sd15_finetune_trains_only_the_unet_and_resumes(sd15_run, checkpoints):
+    workdir, messages, last = sd15_run
+    folder, _ = checkpoints["sd15"]
+    assert any(m.startswith("resumed from") and m.endswith("at step 2") for m in messages)
+    rows = _metrics(workdir)
+    assert [r["step"] for r in rows] == [1, 2, 3]  # the resumed run appended step 3 only
+    assert all(np.isfinite(r["loss"]) and np.isfinite(r["mse"]) for r in rows)
+    assert all(r["skipped_updates"] == 0 for r in rows)
+    original = load_pretrained(folder)
+    frozen = last["frozen"]
+    _assert_trees(frozen["vae"], original.vae_params, equal=True)
+    _assert_trees(frozen["text_encoders"]["text_encoder"], original.text_encoder_params[0], True)
+    _assert_trees(last["params"], original.unet_params, equal=False)
+    _assert_trees(last["ema_params"], original.unet_params, equal=False)
+    assert (workdir / "samples" / "step_000003.png").exists()  # EMA U-Net through generate
+
+
+@pytest.mark.slow
+def test_sd15_export_loads_in_ldm_jax_and_diffusers(sd15_run, checkpoints):
+    workdir, _, last = sd15_run
+    export = workdir / "export"
+    ours = load_pretrained(export)
+    assert ours.kind == "sd1"
+    _assert_trees(ours.unet_params, last["ema_params"], equal=True)  # export_ema=True
+    _assert_trees(ours.vae_params, last["frozen"]["vae"], equal=True)
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(export)
+    assert isinstance(pipe.unet, diffusers.UNet2DConditionModel)
+    theirs = diffusers.UNet2DConditionModel.from_pretrained(export / "unet").eval()
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((2, 4, SIZE // 2, SIZE // 2)).astype(np.float32)
+    t = np.array([10.0, 700.0], np.float32)
+    context = rng.standard_normal((2, 77, 32)).astype(np.float32)
+    with torch.no_grad():
+        expected = theirs(torch.from_numpy(x), torch.from_numpy(t), torch.from_numpy(context))
+    got = jax.jit(ours.unet.apply)(ours.unet_params, x.transpose(0, 2, 3, 1), t, context)
+    expected = expected.sample.numpy().transpose(0, 2, 3, 1)
+    np.testing.assert_allclose(np.asarray(got), expected, atol=1e-4)
+    # export_checkpoint: the same folder from a checkpoint, here with the trained weights.
+    raw = finetune.export_checkpoint(workdir, workdir / "export_raw", ema=False)
+    _assert_trees(load_pretrained(raw).unet_params, last["params"], equal=True)
+
+
+@pytest.mark.slow
+def test_sdxl_finetune_end_to_end(tmp_path, checkpoints, photos):
+    folder, _ = checkpoints["sdxl"]
+    workdir = tmp_path / "sdxl"
+    args = _train_args("sdxl", workdir, folder, photos, "--config.num_train_steps=2")
+    assert cli.main(args + ["--config.sample.prompts=()"]) == 0
+    assert all(np.isfinite(r["loss"]) for r in _metrics(workdir))
+    original = load_pretrained(folder)
+    state = Checkpointer(workdir, read_only=True).restore_raw(2)
+    for slot, params in zip(original.text_encoder_slots, original.text_encoder_params):
+        _assert_trees(state["frozen"]["text_encoders"][slot], params, equal=True)
+    _assert_trees(state["frozen"]["vae"], original.vae_params, equal=True)
+    _assert_trees(state["params"], original.unet_params, equal=False)
+    exported = load_pretrained(workdir / "export")
+    assert exported.kind == "sdxl"
+    _assert_trees(exported.unet_params, state["ema_params"], equal=True)
+    pipe = diffusers.StableDiffusionXLPipeline.from_pretrained(workdir / "export")
+    assert pipe.config.force_zeros_for_empty_prompt
+    # The builder recorded each image's size and center-crop corner for SDXL's time ids.
+    config = load_config(f"{CONFIGS['sdxl']}:smoke", [f"pretrained={folder}"])
+    config.data.update(path=str(photos[0]), data_dir=str(photos[1]))
+    batches = finetune.make_batches(config, original)
+    batch, idx = batches[0], batches.examples.indices(0)
+    for size, crop, i in zip(batch["original_size"], batch["crop_top_left"], idx):
+        h, w = PHOTOS[int(i)]  # files sort as 0.png .. 7.png
+        assert tuple(size) == (h, w)
+        short = min(h, w)
+        new_h, new_w = SIZE * h // short, SIZE * w // short
+        assert tuple(crop) == (round((new_h - SIZE) / 2), round((new_w - SIZE) / 2))
+
+
+def _torch_loss(name, pipe, folder, batch, captions, draws, prediction_type, weighting):
+    """The step of diffusers' train_text_to_image(_sdxl).py on the same inputs and noise."""
+    from diffusers.training_utils import compute_snr
+
+    nchw = lambda a: torch.from_numpy(np.asarray(a).transpose(0, 3, 1, 2).copy())
+    images = torch.from_numpy(batch["image"].astype(np.float32) / 127.5 - 1.0).permute(0, 3, 1, 2)
+    flip = torch.from_numpy(np.asarray(draws["flip"]))
+    images = torch.where(flip[:, None, None, None], torch.flip(images, dims=[3]), images)
+    drop = np.asarray(draws["drop"])
+    with torch.no_grad():
+        posterior = pipe.vae.encode(images).latent_dist
+        latents = posterior.mean + posterior.std * nchw(draws["posterior"])
+        latents = latents * pipe.vae.config.scaling_factor
+        added = {}
+        if name == "sd15":  # dropped captions -> "" (tokenize_captions)
+            texts = ["" if d else c for c, d in zip(captions, drop)]
+            ids = pipe.tokenizer(texts, padding="max_length", truncation=True, return_tensors="pt")
+            context = pipe.text_encoder(ids.input_ids)[0]
+        else:  # the SDXL script's encode_prompt; dropped rows zeroed as sgm's conditioner does
+            states = []
+            for tokenizer, encoder in ((pipe.tokenizer, pipe.text_encoder),
+                                       (pipe.tokenizer_2, pipe.text_encoder_2)):  # fmt: skip
+                ids = tokenizer(
+                    captions, padding="max_length", truncation=True, return_tensors="pt"
+                )
+                out = encoder(ids.input_ids, output_hidden_states=True)
+                states.append(out.hidden_states[-2])
+            keep = torch.from_numpy(1.0 - drop.astype(np.float32))
+            context = torch.cat(states, dim=-1) * keep[:, None, None]
+            time_ids = np.concatenate(
+                [batch["original_size"], batch["crop_top_left"], np.full((len(drop), 2), SIZE)], 1
+            )
+            added = {
+                "text_embeds": out[0] * keep[:, None],
+                "time_ids": torch.from_numpy(time_ids.astype(np.float32)),
+            }
+        scheduler = diffusers.DDPMScheduler.from_pretrained(folder, subfolder="scheduler")
+        scheduler.register_to_config(prediction_type=prediction_type)
+        noise = nchw(draws["noise"]) + 0.1 * nchw(draws["offset"])  # noise_offset = 0.1
+        t = torch.from_numpy(np.asarray(draws["t"]).astype(np.int64))
+        noisy = scheduler.add_noise(latents, noise, t)
+        pred = pipe.unet(noisy, t, context, added_cond_kwargs=added or None).sample
+        if prediction_type == "epsilon":
+            target = noise
+        else:
+            target = scheduler.get_velocity(latents, noise, t)
+        mse = ((pred - target) ** 2).mean(dim=(1, 2, 3))
+        if weighting == "min_snr":  # the script's weights for epsilon: min(snr, 5) / snr
+            snr = compute_snr(scheduler, t)
+            return float((mse * torch.clamp(snr, max=5.0) / snr).mean())
+        return float(mse.mean())
+
+
+@pytest.mark.parametrize(
+    "name, prediction_type, weighting",
+    [("sd15", "", "min_snr"), ("sdxl", "v_prediction", "none")],
+)
+def test_loss_matches_diffusers_training_step(checkpoints, name, prediction_type, weighting):
+    folder, pipe = checkpoints[name]
+    overrides = [
+        f"pretrained={folder}",
+        f"prediction_type={prediction_type}",
+        f"loss_weighting={weighting}",
+        "noise_offset=0.1",
+    ]
+    config = load_config(f"{CONFIGS[name]}:smoke", overrides)
+    model = finetune.load_model(config)
+    objective = finetune.make_objective(config, model)
+    assert objective.prediction_type == (prediction_type or "epsilon")
+    assert objective.uncond == ("empty_prompt" if name == "sd15" else "zeros")
+    rng = np.random.default_rng(2)
+    n = 4
+    captions = ["a red circle", "a photo of a dog", "x", "a very long caption " * 20]
+    batch = {
+        "image": rng.integers(0, 256, (n, SIZE, SIZE, 3), dtype=np.uint8),
+        "input_ids": tuple(finetune.token_ids(t, captions) for t in model.get_tokenizers()),
+        "original_size": np.array([[40, 56], [16, 16], [16, 30], [64, 32]], np.int32),
+        "crop_top_left": np.array([[3, 0], [0, 0], [0, 7], [8, 0]], np.int32),
+    }
+    latent = (n, SIZE // 2, SIZE // 2, 4)
+    draws = {
+        "posterior": rng.standard_normal(latent).astype(np.float32),
+        "noise": rng.standard_normal(latent).astype(np.float32),
+        "offset": rng.standard_normal((n, 1, 1, 4)).astype(np.float32),
+        "t": np.array([0, 999, 421, 77], np.int32),
+        "drop": np.array([False, True, False, True]),
+        "flip": np.array([True, False, False, True]),
+        "dropout": jax.random.key(0),
+    }
+    step = jax.jit(lambda p, f, b, d: finetune.loss_with_draws(objective, p, f, b, d))
+    frozen = finetune.frozen_params(model)
+    loss, aux = step(model.unet_params, frozen, batch, draws)
+    expected = _torch_loss(
+        name, pipe, folder, batch, captions, draws, objective.prediction_type, weighting
+    )
+    tolerance = 1e-4 * abs(expected) + 1e-5
+    assert abs(float(loss) - expected) <= tolerance, (float(loss), expected)
+    assert np.isfinite(float(aux["mse"]))
+    # Dropping captions changes the loss by more than that: the check above is not vacuous.
+    kept = step(model.unet_params, frozen, batch, {**draws, "drop": np.zeros(n, bool)})[0]
+    assert abs(float(kept) - expected) > 3 * tolerance, (float(kept), expected)
