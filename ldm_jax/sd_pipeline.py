@@ -375,7 +375,10 @@ def resolve_sampler(
     does. Config fields the chosen sampler does not implement are dropped with a warning (the
     images then differ slightly from diffusers'); `user_options` it does not take are an error.
     """
-    config = {**SD_SCHEDULER_DEFAULTS, **scheduler_config}
+    # A field the file lacks takes the default of the class that reads it (diffusers'
+    # `_use_default_values`): SD 1.5's PNDM config has no timestep_spacing, so with Euler it is
+    # Euler's "linspace", not PNDM's "leading". Only a checkpoint with no config at all gets SD's.
+    config = dict(scheduler_config) if scheduler_config else dict(SD_SCHEDULER_DEFAULTS)
     if sampler is not None:
         sampler_lib.get_sampler(sampler)  # unknown names: the registry's error lists them
         classes = {v[0]: k for k, v in SCHEDULER_CLASSES.items()}

@@ -6,17 +6,17 @@ Tiny random diffusers pipelines are built in torch, saved with `save_pretrained`
 latents and DDIM: the uint8 images must agree within one 8-bit level.
 """
 
+import inspect
 import json
 import types
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from ldm_jax import cli
-from ldm_jax.diffusion import samplers
-from ldm_jax.diffusion.schedules import NoiseSchedule
-from ldm_jax.sd_pipeline import StableDiffusion, generate, supports_img2img
+from ldm_jax.sd_pipeline import StableDiffusion, generate
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
@@ -189,71 +189,28 @@ def test_inpainting_matches_diffusers(tmp_path, clip_tokenizer_dir):
         generate(sd, "x", num_inference_steps=2, height=SIZE, width=SIZE)
 
 
-def _ddim_from_step(
-    model_fn,
-    noise,
-    schedule,
-    num_steps,
-    rng=None,
-    *,
-    start_step=0,
-    init_latents=None,
-    timestep_spacing="leading",
-    steps_offset=0,
-    **options,
-):
-    """Test-only reference of the img2img sampler contract, built on our DDIM: diffusers' DDIM
-    after `get_timesteps` truncation, from add_noise(init_latents, noise, t_start). With "leading"
-    spacing, steps start_step.. of N are exactly the M = N - start_step steps of DDIM over the
-    first M * (T // N) training timesteps (same timesteps, same previous timesteps)."""
-    assert timestep_spacing == "leading"
-    ratio = schedule.num_train_timesteps // num_steps
-    m = num_steps - start_step
-    abar = schedule.alphas_cumprod[(m - 1) * ratio + steps_offset]
-    x = jnp.sqrt(abar) * init_latents + jnp.sqrt(1 - abar) * noise
-    short = NoiseSchedule(alphas_cumprod=schedule.alphas_cumprod[: m * ratio])
-    return samplers.ddim(
-        model_fn, x, short, m, rng, steps_offset=steps_offset, timestep_spacing="leading", **options
-    )
-
-
-@pytest.fixture
-def reference_img2img_sampler():
-    samplers.register("ddim_img2img_reference")(_ddim_from_step)
-    yield "ddim_img2img_reference"
-    del samplers.SAMPLERS["ddim_img2img_reference"]
-
-
 @pytest.mark.parametrize(
-    "sampler",
+    "sampler,scheduler,strength",
     [
-        pytest.param(
-            "ddim",
-            marks=pytest.mark.xfail(
-                not supports_img2img("ddim"),
-                raises=ValueError,
-                strict=True,
-                reason="img2img needs the samplers' start_step / init_latents options",
-            ),
-        ),
-        "reference",
+        ("ddim", "DDIMScheduler", 0.5),
+        ("euler", "EulerDiscreteScheduler", 0.7),  # sigma space: add_noise is x0 + sigma z
+        ("dpmpp_2m", "DPMSolverMultistepScheduler", 0.4),  # multistep warm-up from the start
     ],
 )
-def test_img2img_matches_diffusers(tmp_path, clip_tokenizer_dir, sampler, request):
-    options = {}
-    if sampler == "reference":
-        sampler = request.getfixturevalue("reference_img2img_sampler")
-        # Not a diffusers scheduler's sampler: only the common config options reach it.
-        options = dict(set_alpha_to_one=False)
+def test_img2img_matches_diffusers(tmp_path, clip_tokenizer_dir, sampler, scheduler, strength):
+    """StableDiffusionImg2ImgPipeline (get_timesteps truncation, add_noise at the first kept
+    timestep) with the scheduler each sampler mirrors, from the checkpoint's scheduler config."""
     pipe = tiny.sd_pipeline(
         clip_tokenizer_dir, diffusers.StableDiffusionImg2ImgPipeline, deterministic_vae=True
     )
     pipe.save_pretrained(tmp_path, safe_serialization=True)
+    # As a user would: the saved folder's scheduler config, read by the other class.
+    pipe.scheduler = getattr(diffusers, scheduler).from_pretrained(tmp_path, subfolder="scheduler")
     sd = StableDiffusion.from_pretrained(tmp_path)
     image = np.random.default_rng(1).integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)
     from PIL import Image
 
-    kwargs = dict(num_inference_steps=STEPS, guidance_scale=7.5, strength=0.5)
+    kwargs = dict(num_inference_steps=STEPS, guidance_scale=7.5, strength=strength)
     with torch.no_grad():
         theirs = pipe(
             PROMPTS[0],
@@ -268,17 +225,69 @@ def test_img2img_matches_diffusers(tmp_path, clip_tokenizer_dir, sampler, reques
     torch.randn((1, 4, SIZE // 2, SIZE // 2), generator=g)
     noise = torch.randn((1, 4, SIZE // 2, SIZE // 2), generator=g).numpy().transpose(0, 2, 3, 1)
     ours = generate(
-        sd,
-        PROMPTS[0],
-        image=image,
-        latents=noise,
-        sampler=sampler,
-        sampler_options=options,
-        height=SIZE,
-        width=SIZE,
+        sd, PROMPTS[0], image=image, latents=noise, sampler=sampler, height=SIZE, width=SIZE,
         **kwargs,
-    )
+    )  # fmt: skip
     _assert_within_one_level(ours, _diffusers_uint8(theirs))
+    # Not the text-to-image result from the same noise: the init image is really used.
+    txt2img = generate(sd, PROMPTS[0], latents=noise, sampler=sampler, height=SIZE, width=SIZE,
+                       num_inference_steps=STEPS, guidance_scale=7.5)  # fmt: skip
+    assert np.abs(ours.astype(int) - txt2img.astype(int)).mean() > 5
+
+
+SD15_SCHEDULER = {  # stable-diffusion-v1-5's scheduler_config.json (diffusers 0.6.0), verbatim
+    "_class_name": "PNDMScheduler",
+    "_diffusers_version": "0.6.0",
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "num_train_timesteps": 1000,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "trained_betas": None,
+    "clip_sample": False,
+}
+
+
+@pytest.mark.parametrize(
+    "sampler,scheduler",
+    [
+        (None, "PNDMScheduler"),
+        ("euler", "EulerDiscreteScheduler"),
+        ("ddim", "DDIMScheduler"),
+        ("dpm_solver_multistep", "DPMSolverMultistepScheduler"),
+        ("lms", "LMSDiscreteScheduler"),
+    ],
+)
+def test_sampler_for_a_checkpoint_reads_its_config_as_diffusers(tmp_path, sampler, scheduler):
+    """`--sampler NAME` on a checkpoint = diffusers' `NAME.from_config(pipe.scheduler.config)`
+    after `from_pretrained`: fields the file lacks take the new class's defaults (SD 1.5's file
+    has no timestep_spacing, so Euler/LMS/DPM-Solver space "linspace" and DDIM "leading")."""
+    from ldm_jax.diffusion import samplers
+    from ldm_jax.sd_pipeline import resolve_sampler
+
+    (tmp_path / "scheduler_config.json").write_text(json.dumps(SD15_SCHEDULER))
+    loaded = diffusers.PNDMScheduler.from_pretrained(tmp_path)
+    ref = getattr(diffusers, scheduler).from_config(loaded.config)
+    name, options, schedule = resolve_sampler(SD15_SCHEDULER, sampler)
+    assert name == (sampler or "plms")
+    fn = samplers.get_sampler(name)
+    defaults = {k: p.default for k, p in inspect.signature(fn).parameters.items()}
+    effective = {**defaults, **options}
+    assert effective["timestep_spacing"] == ref.config.timestep_spacing
+    assert effective["steps_offset"] == ref.config.steps_offset
+    # Same first timestep of a 10-step run as the diffusers scheduler.
+    ref.set_timesteps(10)
+    calls = []
+
+    def model_fn(x, t):  # the loop is traced: record the timesteps through a host callback
+        jax.debug.callback(lambda v: calls.append(float(v)), t[0])
+        return 0 * x
+
+    fn(model_fn, jnp.zeros((1, 1)), schedule, 10, **options)
+    jax.effects_barrier()
+    assert calls[0] == pytest.approx(float(ref.timesteps[0]), abs=1e-3)
 
 
 def test_sdxl_refiner_conditioning_matches_diffusers(tmp_path, clip_tokenizer_dir):

@@ -8,7 +8,11 @@ Every sampler is `sampler(model_fn, noise, schedule, num_steps, rng, **options) 
 - schedule: a `NoiseSchedule`; num_steps: static int; rng: PRNG key (used by stochastic ones);
 - options: keyword-only, in diffusers' vocabulary (`prediction_type`, `timestep_spacing`,
   `steps_offset`, `use_karras_sigmas`, ...); the VP solvers (DPM-Solver, UniPC, DEIS) also take
-  `sigmas`, an explicit schedule (e.g. an optimized one, see experiments/sampler_benchmark).
+  `sigmas`, an explicit schedule (e.g. an optimized one, see experiments/sampler_benchmark);
+- img2img options, taken by every sampler: `start_step` (skip the first k of the num_steps steps,
+  diffusers' `strength` truncation `timesteps[k * order:]`) and `init_latents` (f32[B,...] clean
+  latents, noised to the first kept step's level as diffusers' `scheduler.add_noise` does; the
+  solver's history and warm-up start afresh there). See `initial_sample`.
 Timesteps and sigmas are computed on the host from the static `num_steps`, so changing the seed,
 prompts or guidance scale reuses the compiled loop.
 
@@ -22,6 +26,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import jax.numpy as jnp
+import numpy as np
 
 from ldm_jax import rng
 
@@ -56,6 +61,39 @@ def normal_like(key, x: jnp.ndarray) -> jnp.ndarray:
     return rng.normal(key, x.shape, x.dtype)
 
 
+def initial_sample(
+    noise: jnp.ndarray,
+    num_steps: int,
+    start_step: int,
+    init_latents,
+    level: Callable[[int], tuple],
+    txt2img_scale=1.0,
+) -> jnp.ndarray:
+    """The sample a loop starts from, after checking the img2img options.
+
+    Text-to-image (no init_latents): noise * txt2img_scale (diffusers' `init_noise_sigma`).
+    img2img: alpha * init_latents + sigma * noise with (alpha, sigma) = level(start_step), the
+    forward process at the first kept step (Meng et al. 2022, SDEdit; diffusers' `add_noise`):
+    (sqrt(alpha_bar_t), sqrt(1 - alpha_bar_t)) for the VP samplers, (1, sigma_k) for the
+    sigma-space ones. Also with start_step = 0: diffusers' img2img noises the image at strength 1.
+    """
+    if isinstance(start_step, bool) or not isinstance(start_step, int | np.integer):
+        raise ValueError(f"start_step must be an int, got {start_step!r}")
+    if not 0 <= start_step < num_steps:
+        raise ValueError(f"start_step must be in [0, num_steps={num_steps}), got {start_step}")
+    if init_latents is None:
+        if start_step:
+            raise ValueError("start_step > 0 needs init_latents (the clean latents to noise)")
+        return noise * txt2img_scale
+    if jnp.shape(init_latents) != jnp.shape(noise):
+        raise ValueError(
+            f"init_latents must have the noise's shape {jnp.shape(noise)}, "
+            f"got {jnp.shape(init_latents)}"
+        )
+    alpha, sigma = level(int(start_step))
+    return alpha * jnp.asarray(init_latents, noise.dtype) + sigma * noise
+
+
 # Importing the family modules fills the registry (they import `register` from here).
 from ldm_jax.diffusion.samplers import (  # noqa: E402
     deis,  # noqa: F401
@@ -72,6 +110,7 @@ __all__ = [
     "ddim",
     "ddpm",
     "get_sampler",
+    "initial_sample",
     "normal_like",
     "register",
     "sampler_names",

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ldm_jax.diffusion.objectives import PREDICTION_TYPES
-from ldm_jax.diffusion.samplers import normal_like
+from ldm_jax.diffusion.samplers import initial_sample, normal_like
 from ldm_jax.diffusion.schedules import (
     TIMESTEP_SPACINGS,
     NoiseSchedule,
@@ -258,9 +258,15 @@ def run_plan(
     prediction_type: str,
     target: str,
     threshold=None,
+    start_step: int = 0,
+    init_latents=None,
 ) -> jnp.ndarray:
     """Execute a `Plan` in one `lax.fori_loop`; noise: f32[B, ...] standard normal, used as x_T
-    (init_noise_sigma = 1 for these VP solvers). Returns f32[B, ...] samples."""
+    (init_noise_sigma = 1 for these VP solvers). Returns f32[B, ...] samples.
+
+    img2img: steps start_step.. from alpha_k init_latents + sigma_k noise; the plan must have been
+    built for that start (`multistep_orders(start=...)`), so that no step reads an output from
+    before it."""
     n, k = plan.c_hist.shape
     batch = noise.shape[0]
     f32 = lambda a: jnp.asarray(a, jnp.float32)
@@ -292,7 +298,8 @@ def run_plan(
 
     key = rng if rng is not None else jax.random.key(0)
     hist = jnp.zeros((k,) + noise.shape, noise.dtype)
-    x, *_ = jax.lax.fori_loop(0, n, step, (noise, noise, hist, key))
+    x = initial_sample(noise, n, start_step, init_latents, lambda i: (alpha[i], sigma[i]))
+    x, *_ = jax.lax.fori_loop(start_step, n, step, (x, x, hist, key))
     return x
 
 
@@ -304,17 +311,23 @@ def unit_vectors(k: int) -> list[np.ndarray]:
 
 
 def multistep_orders(
-    num_steps: int, solver_order: int, lower_order_final: bool, first_order_final: bool = False
+    num_steps: int,
+    solver_order: int,
+    lower_order_final: bool,
+    first_order_final: bool = False,
+    start: int = 0,
 ) -> list[int]:
     """The order of each step of a multistep solver, as diffusers' `step`: warm up with orders
-    1, 2, ...; with `lower_order_final` and fewer than 15 steps, the last two steps use orders 1
-    and 2 (stabilises few-step sampling); `first_order_final` forces order 1 at the last step."""
+    1, 2, ... from step `start` (img2img: diffusers' `lower_order_nums` counts from the first
+    step run); with `lower_order_final` and fewer than 15 steps in the whole schedule, the last
+    two steps use orders 1 and 2 (stabilises few-step sampling); `first_order_final` forces
+    order 1 at the last step. Steps before `start` are not run (order 1 there)."""
     orders = []
     few = lower_order_final and num_steps < 15
     for i in range(num_steps):
         last = i == num_steps - 1 and (first_order_final or few)
         second_last = i == num_steps - 2 and few
-        o = min(solver_order, i + 1)
+        o = min(solver_order, max(i - start, 0) + 1)
         if last:
             o = 1
         elif second_last:

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 
 from ldm_jax.diffusion.objectives import predict_x0_and_eps
-from ldm_jax.diffusion.samplers import normal_like, register
+from ldm_jax.diffusion.samplers import initial_sample, normal_like, register
 from ldm_jax.diffusion.schedules import NoiseSchedule, inference_timesteps
 
 
@@ -41,6 +41,8 @@ def ddim(
     set_alpha_to_one: bool = True,
     clip_sample: bool = False,
     clip_sample_range: float = 1.0,
+    start_step: int = 0,
+    init_latents=None,
 ):
     """DDIM (Song et al. 2021, Eq. 12); eta=0 is deterministic, eta=1 matches DDPM's variance.
 
@@ -71,8 +73,15 @@ def ddim(
             x_prev = x_prev + sigma * normal_like(sub, x)
         return x_prev, key
 
-    x, _ = jax.lax.fori_loop(0, num_steps, step, (noise, rng))
+    x = _start(noise, num_steps, start_step, init_latents, abar_t)
+    x, _ = jax.lax.fori_loop(start_step, num_steps, step, (x, rng))
     return x
+
+
+def _start(noise, num_steps, start_step, init_latents, abar_t):
+    """img2img: the init latents noised at the first kept timestep (diffusers' add_noise)."""
+    level = lambda k: (jnp.sqrt(abar_t[k]), jnp.sqrt(1 - abar_t[k]))
+    return initial_sample(noise, num_steps, start_step, init_latents, level)
 
 
 @register("ddpm")
@@ -88,6 +97,8 @@ def ddpm(
     steps_offset: int = 0,
     clip_sample: bool = False,
     clip_sample_range: float = 1.0,
+    start_step: int = 0,
+    init_latents=None,
 ):
     """Ancestral DDPM (Ho et al. 2020, Eqs. 6-7) on a subsequence of timesteps, as diffusers'
     DDPMScheduler with `variance_type="fixed_small"`; `clip_sample` clamps the x_0 estimate."""
@@ -114,5 +125,6 @@ def ddpm(
         x = mean + jnp.where(last, 0.0, jnp.sqrt(var)) * z
         return x, key
 
-    x, _ = jax.lax.fori_loop(0, num_steps, step, (noise, rng))
+    x = _start(noise, num_steps, start_step, init_latents, abar_t)
+    x, _ = jax.lax.fori_loop(start_step, num_steps, step, (x, rng))
     return x

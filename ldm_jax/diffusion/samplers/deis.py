@@ -82,6 +82,8 @@ def deis(
     flow_shift: float = 1.0,
     use_dynamic_shifting: bool = False,
     time_shift_type: str = "exponential",
+    start_step: int = 0,
+    init_latents=None,
 ):
     """DEIS multistep sampler, orders 1-3, as diffusers' DEISMultistepScheduler with its option
     names and defaults; NFE = num_steps. The final sigma is the smallest one (the training
@@ -117,7 +119,7 @@ def deis(
     )
     final = float(_vp.train_sigmas(acp)[0]) if kind is None else sigmas[-1]
     sigmas = np.append(sigmas, final).astype(np.float32)
-    orders = _vp.multistep_orders(num_steps, solver_order, lower_order_final)
+    orders = _vp.multistep_orders(num_steps, solver_order, lower_order_final, start=start_step)
     plan = _deis_plan(ts, sigmas, orders, solver_order)
     threshold = None
     if thresholding:
@@ -131,4 +133,6 @@ def deis(
         prediction_type=prediction_type,
         target="eps_via_x0",
         threshold=threshold,
+        start_step=start_step,
+        init_latents=init_latents,
     )

@@ -125,9 +125,13 @@ def _singlestep_plan(ts, sigmas, orders, algorithm_type, solver_type, k, sde_d2)
     )
 
 
-def _singlestep_orders(num_steps, solver_order, lower_order_final, final_zero) -> list[int]:
+def _singlestep_orders(
+    num_steps, solver_order, lower_order_final, final_zero, start=0
+) -> list[int]:
     """diffusers' `get_order_list` (after `set_timesteps` forces lower_order_final on for an
-    uneven number of steps or a zero final sigma), then the warm-up fallback of `step`."""
+    uneven number of steps or a zero final sigma), then the warm-up fallback of `step`: an order
+    needs that many outputs since the first step run (`start`; img2img starts part-way into an
+    order group, which then begins with order 1, an anchor)."""
     n, o = num_steps, solver_order
     if n % o != 0 or final_zero:
         lower_order_final = True
@@ -142,7 +146,7 @@ def _singlestep_orders(num_steps, solver_order, lower_order_final, final_zero) -
         orders = [1] * n
     if final_zero:
         orders[-1] = 1
-    return [min(o, i + 1) for i, o in enumerate(orders)]
+    return [min(o, max(i - start, 0) + 1) for i, o in enumerate(orders)]
 
 
 def _check(name, value, valid):
@@ -221,6 +225,8 @@ def dpm_solver_multistep(
     flow_shift: float = 1.0,
     use_dynamic_shifting: bool = False,
     time_shift_type: str = "exponential",
+    start_step: int = 0,
+    init_latents=None,
 ):
     """Multistep DPM-Solver / DPM-Solver++ (Lu et al. 2022b, Alg. 2), ODE or SDE, orders 1-3, as
     diffusers' DPMSolverMultistepScheduler with the same option names and defaults.
@@ -264,7 +270,11 @@ def dpm_solver_multistep(
     )
     sigmas = np.append(sigmas, final).astype(np.float32)
     orders = _vp.multistep_orders(
-        num_steps, solver_order, lower_order_final, euler_at_final or final_sigmas_type == "zero"
+        num_steps,
+        solver_order,
+        lower_order_final,
+        euler_at_final or final_sigmas_type == "zero",
+        start=start_step,
     )
     plan = _multistep_plan(
         ts, sigmas, orders, algorithm_type, solver_type, solver_order, diffusers_sde_third_order
@@ -279,6 +289,8 @@ def dpm_solver_multistep(
         prediction_type=prediction_type,
         target=target,
         threshold=threshold,
+        start_step=start_step,
+        init_latents=init_latents,
     )
 
 
@@ -312,6 +324,8 @@ def dpm_solver_singlestep(
     use_dynamic_shifting: bool = False,
     time_shift_type: str = "exponential",
     diffusers_sde_third_order: bool = True,
+    start_step: int = 0,
+    init_latents=None,
 ):
     """Singlestep DPM-Solver / DPM-Solver++ (Lu et al. 2022a, Algs. 1-2; 2022b, Alg. 1), orders
     1-3, as diffusers' DPMSolverSinglestepScheduler (order groups 1, 2, 3, 1, 2, 3, ...: NFE =
@@ -351,7 +365,7 @@ def dpm_solver_singlestep(
     )
     sigmas = np.append(sigmas, final).astype(np.float32)
     orders = _singlestep_orders(
-        num_steps, solver_order, lower_order_final, final_sigmas_type == "zero"
+        num_steps, solver_order, lower_order_final, final_sigmas_type == "zero", start_step
     )
     plan = _singlestep_plan(
         ts, sigmas, orders, algorithm_type, solver_type, solver_order, diffusers_sde_third_order
@@ -366,6 +380,8 @@ def dpm_solver_singlestep(
         prediction_type=prediction_type,
         target=target,
         threshold=threshold,
+        start_step=start_step,
+        init_latents=init_latents,
     )
 
 

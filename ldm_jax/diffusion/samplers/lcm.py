@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ldm_jax.diffusion.objectives import PREDICTION_TYPES, predict_x0_and_eps
-from ldm_jax.diffusion.samplers import normal_like, register
+from ldm_jax.diffusion.samplers import initial_sample, normal_like, register
 from ldm_jax.diffusion.schedules import NoiseSchedule, concrete_alphas_cumprod
 
 
@@ -61,6 +61,8 @@ def lcm(
     dynamic_thresholding_ratio: float = 0.995,
     sample_max_value: float = 1.0,
     set_alpha_to_one: bool = True,
+    start_step: int = 0,
+    init_latents=None,
 ):
     """LCM multistep sampling; the noise of step i (all but the last) is normal(fold_in(rng, i)).
 
@@ -97,4 +99,7 @@ def lcm(
         renoised = jnp.sqrt(a_prev[i]) * denoised + jnp.sqrt(1 - a_prev[i]) * z
         return jnp.where(i == num_steps - 1, denoised, renoised)
 
-    return jax.lax.fori_loop(0, num_steps, step, noise)  # init_noise_sigma = 1
+    # init_noise_sigma = 1; img2img: add_noise at the first kept timestep.
+    level = lambda k: (jnp.sqrt(a_t[k]), jnp.sqrt(1 - a_t[k]))
+    x = initial_sample(noise, num_steps, start_step, init_latents, level)
+    return jax.lax.fori_loop(start_step, num_steps, step, x)

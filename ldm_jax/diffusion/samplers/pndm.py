@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ldm_jax.diffusion.samplers import register
+from ldm_jax.diffusion.samplers import initial_sample, register
 from ldm_jax.diffusion.schedules import TIMESTEP_SPACINGS, NoiseSchedule, concrete_alphas_cumprod
 
 # Adams-Bashforth weights of the current output and the last three (Liu et al. 2022, Eq. 12).
@@ -43,8 +43,11 @@ def _train_timesteps(num_steps, big_t, timestep_spacing, steps_offset):
     )
 
 
-def _program(num_steps, big_t, timestep_spacing, steps_offset, skip_prk_steps):
+def _program(num_steps, big_t, timestep_spacing, steps_offset, skip_prk_steps, start_step=0):
     """One row per network call, as PNDMScheduler.step would run it.
+
+    start_step k (img2img) keeps the N - k lowest timesteps and runs the warm-up (PRK, or PLMS'
+    second-order first step) afresh from the highest kept one, with the N-step spacing.
 
     Returns dict of host arrays: t (call timestep), t_from/t_to (the transfer's timesteps; t_to < 0
     means the final alpha), w (weights of [output, history_0, history_1, history_2, accumulator]),
@@ -52,6 +55,7 @@ def _program(num_steps, big_t, timestep_spacing, steps_offset, skip_prk_steps):
     (the PRK accumulator acc <- keep acc + add output).
     """
     ts = _train_timesteps(num_steps, big_t, timestep_spacing, steps_offset)
+    ts = ts[: num_steps - start_step]
     ratio = big_t // num_steps
     rows = []
 
@@ -59,8 +63,11 @@ def _program(num_steps, big_t, timestep_spacing, steps_offset, skip_prk_steps):
         rows.append((t, t_from, t_to, *w, push, save, use_saved, keep_acc, add_acc))
 
     if not skip_prk_steps:
-        if num_steps < 4:
-            raise ValueError(f"pndm's Runge-Kutta warm-up needs num_steps >= 4, got {num_steps}")
+        if len(ts) < 4:
+            raise ValueError(
+                f"pndm's Runge-Kutta warm-up needs >= 4 steps to run, got {len(ts)} "
+                f"(num_steps {num_steps}, start_step {start_step})"
+            )
         half = ratio // 2
         prk = np.repeat(ts[-4:], 2) + np.tile([0, half], 4)
         prk = np.repeat(prk[:-1], 2)[1:-1][::-1]
@@ -99,6 +106,8 @@ def _pndm(
     timestep_spacing,
     steps_offset,
     set_alpha_to_one,
+    start_step,
+    init_latents,
 ):
     if prediction_type not in ("epsilon", "v_prediction"):
         raise ValueError(
@@ -107,7 +116,10 @@ def _pndm(
         )
     acp = concrete_alphas_cumprod(schedule)
     big_t = len(acp)
-    p = _program(num_steps, big_t, timestep_spacing, steps_offset, skip_prk_steps)
+    if isinstance(start_step, int) and 0 <= start_step < num_steps:  # else initial_sample says
+        p = _program(num_steps, big_t, timestep_spacing, steps_offset, skip_prk_steps, start_step)
+    else:
+        p = _program(num_steps, big_t, timestep_spacing, steps_offset, skip_prk_steps)
     final = 1.0 if set_alpha_to_one else acp[0]
     t_from, t_to = p["t_from"].astype(np.int64), p["t_to"].astype(np.int64)
     a_t = acp[t_from]
@@ -142,10 +154,13 @@ def _pndm(
         x = c["coef_x"][j] * base - c["coef_e"][j] * e
         return x, saved, hist, acc
 
+    # init_noise_sigma = 1; img2img: add_noise at the first call's (highest kept) timestep.
+    top = float(acp[int(p["t"][0])])
+    level = lambda k: (np.float32(np.sqrt(top)), np.float32(np.sqrt(1 - top)))
+    x = initial_sample(noise, num_steps, start_step, init_latents, level)
     zeros = jnp.zeros_like(noise)
     hist = jnp.zeros((3,) + noise.shape, noise.dtype)
-    carry = (noise, zeros, hist, zeros)  # init_noise_sigma = 1
-    return jax.lax.fori_loop(0, len(p["t"]), step, carry)[0]
+    return jax.lax.fori_loop(0, len(p["t"]), step, (x, zeros, hist, zeros))[0]
 
 
 @register("pndm")
@@ -160,9 +175,15 @@ def pndm(
     timestep_spacing: str = "leading",
     steps_offset: int = 0,
     set_alpha_to_one: bool = False,
+    start_step: int = 0,
+    init_latents=None,
 ):
     """PNDM with its pseudo Runge-Kutta warm-up (PNDMScheduler, skip_prk_steps=False):
-    N + 9 network calls for N steps (N >= 4)."""
+    N + 9 network calls for N steps (N >= 4).
+
+    img2img (start_step k) warms up afresh from the highest kept timestep (N - k >= 4 steps
+    run). diffusers' truncation `timesteps[k:]` instead cuts into the PRK call pattern, whose
+    counter then pairs samples and timesteps that do not belong together (see `plms`)."""
     return _pndm(
         model_fn,
         noise,
@@ -173,6 +194,8 @@ def pndm(
         timestep_spacing,
         steps_offset,
         set_alpha_to_one,
+        start_step,
+        init_latents,
     )
 
 
@@ -188,9 +211,19 @@ def plms(
     timestep_spacing: str = "leading",
     steps_offset: int = 0,
     set_alpha_to_one: bool = False,
+    start_step: int = 0,
+    init_latents=None,
 ):
     """PLMS without the Runge-Kutta warm-up (PNDMScheduler, skip_prk_steps=True; Stable Diffusion
-    1.x's default scheduler): N + 1 network calls for N steps."""
+    1.x's default scheduler): N + 1 network calls for N steps.
+
+    img2img (start_step k): N - k + 1 calls, the second-order first step afresh from the highest
+    kept timestep, as DDIM's truncation keeps it. diffusers' `timesteps[k:]` cuts PLMS' call
+    pattern (whose second timestep is repeated) in the wrong place: at k = 1 the second call's
+    correction transfers the sample from t + T/N though it is at t; at k >= 2 it starts one step
+    higher and every call after the second gives the network and the transfer a timestep one
+    step below the sample's. From the same start our run is 2.7-4.7x closer to the converged
+    ODE solution at 50 steps (tests/test_samplers_img2img.py)."""
     return _pndm(
         model_fn,
         noise,
@@ -201,4 +234,6 @@ def plms(
         timestep_spacing,
         steps_offset,
         set_alpha_to_one,
+        start_step,
+        init_latents,
     )

@@ -51,18 +51,22 @@ def _uni_row(lam, alpha, sigma, s0, t, m, order, predict_x0, solver_type, model_
     return c_x, row - scale * b_h * res
 
 
-def _unipc_plan(ts, sigmas, num_steps, k, predict_x0, solver_type, lower_order_final, disabled):
+def _unipc_plan(
+    ts, sigmas, num_steps, k, predict_x0, solver_type, lower_order_final, disabled, start=0
+):
+    """The plan from step `start` on (img2img): the warm-up counts from there and its first step
+    has no corrector, as diffusers' (`lower_order_nums` and `last_sample` reset)."""
     alpha, sigma, lam = _vp.alpha_sigma_lambda(sigmas)
     n = num_steps
     orders = []  # diffusers' `this_order`: warm-up, then lower orders over the last steps
     for i in range(n):
         o = min(k, n - i) if lower_order_final else k
-        orders.append(min(o, min(i, k) + 1))
+        orders.append(min(o, min(max(i - start, 0), k) + 1))
     e, ec = _vp.unit_vectors(k), _vp.unit_vectors(k + 1)
     c_x, c_h = np.zeros(n), np.zeros((n, k))
     corr_x, corr_anchor, corr_h = np.ones(n), np.zeros(n), np.zeros((n, k + 1))
     for i in range(n):
-        if i > 0 and (i - 1) not in disabled:  # UniC for the step i-1 -> i, with the new output
+        if i > start and (i - 1) not in disabled:  # UniC for the step i-1 -> i, with the new output
             o = orders[i - 1]
             corr_anchor[i], corr_h[i] = _uni_row(
                 lam, alpha, sigma, i - 1, i, ec[1:], o, predict_x0, solver_type, model_t=ec[0]
@@ -114,6 +118,8 @@ def unipc(
     use_dynamic_shifting: bool = False,
     time_shift_type: str = "exponential",
     shift_terminal: float | None = None,
+    start_step: int = 0,
+    init_latents=None,
 ):
     """UniPC multistep sampler (UniP-p + UniC, Zhao et al. 2023), orders 1-3, as diffusers'
     UniPCMultistepScheduler with its option names and defaults; NFE = num_steps.
@@ -168,6 +174,7 @@ def unipc(
         solver_type,
         lower_order_final,
         set(disable_corrector),
+        start_step,
     )
     threshold = None
     if thresholding and predict_x0:  # diffusers thresholds only the data prediction
@@ -181,4 +188,6 @@ def unipc(
         prediction_type=prediction_type,
         target="x0" if predict_x0 else "eps",
         threshold=threshold,
+        start_step=start_step,
+        init_latents=init_latents,
     )
