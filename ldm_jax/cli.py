@@ -205,7 +205,8 @@ def _sample_pretrained(args, negatives, sampler_options):
                 record["clip_skip"] = args.clip_skip
             if args.init_image is not None:
                 record["init_image"] = str(args.init_image)
-                record["strength"] = args.strength
+                default = 1.0 if args.mask is not None else 0.8  # generate()'s defaults
+                record["strength"] = default if args.strength is None else args.strength
             if args.mask is not None:
                 record["mask"] = str(args.mask)
             records.append(record)

@@ -188,7 +188,9 @@ def clip_config(sd: Mapping, hidden_act: str) -> dict:
 
 def scheduler_config(kind: str, prediction_type: str, zero_snr: bool = False) -> dict:
     """The scheduler each release ships (PNDM SD1, DDIM SD2, Euler SDXL), all on SD's
-    scaled-linear betas 0.00085 -> 0.012 over 1000 steps."""
+    scaled-linear betas 0.00085 -> 0.012 over 1000 steps, with the fields their
+    scheduler_config.json files carry (all three say clip_sample false, which another class
+    read from them, e.g. `--sampler ddim`, then keeps instead of its own default)."""
     base = kind.removesuffix("-inpaint")
     name = {"sd1": "PNDMScheduler", "sd2": "DDIMScheduler"}.get(base, "EulerDiscreteScheduler")
     config = {
@@ -202,11 +204,12 @@ def scheduler_config(kind: str, prediction_type: str, zero_snr: bool = False) ->
         "set_alpha_to_one": False,
         "steps_offset": 1,
         "timestep_spacing": "leading",
+        "clip_sample": False,
     }
     if name == "PNDMScheduler":
         config["skip_prk_steps"] = True
     elif name == "DDIMScheduler":
-        config |= {"clip_sample": False, "rescale_betas_zero_snr": zero_snr}
+        config["rescale_betas_zero_snr"] = zero_snr
     else:
         config |= {"interpolation_type": "linear", "use_karras_sigmas": False}
         config["rescale_betas_zero_snr"] = zero_snr
