@@ -235,21 +235,6 @@ def test_img2img_matches_diffusers(tmp_path, clip_tokenizer_dir, sampler, schedu
     assert np.abs(ours.astype(int) - txt2img.astype(int)).mean() > 5
 
 
-SD15_SCHEDULER = {  # stable-diffusion-v1-5's scheduler_config.json (diffusers 0.6.0), verbatim
-    "_class_name": "PNDMScheduler",
-    "_diffusers_version": "0.6.0",
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "beta_start": 0.00085,
-    "num_train_timesteps": 1000,
-    "set_alpha_to_one": False,
-    "skip_prk_steps": True,
-    "steps_offset": 1,
-    "trained_betas": None,
-    "clip_sample": False,
-}
-
-
 @pytest.mark.parametrize(
     "sampler,scheduler",
     [
@@ -264,6 +249,8 @@ def test_sampler_for_a_checkpoint_reads_its_config_as_diffusers(tmp_path, sample
     """`--sampler NAME` on a checkpoint = diffusers' `NAME.from_config(pipe.scheduler.config)`
     after `from_pretrained`: fields the file lacks take the new class's defaults (SD 1.5's file
     has no timestep_spacing, so Euler/LMS/DPM-Solver space "linspace" and DDIM "leading")."""
+    from test_samplers_k import SD15 as SD15_SCHEDULER  # the released file, verbatim
+
     from ldm_jax.diffusion import samplers
     from ldm_jax.sd_pipeline import resolve_sampler
 
