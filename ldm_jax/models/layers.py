@@ -126,11 +126,13 @@ class ResnetBlock2D(nn.Module):
 # ---------------------------------------------------------------- attention kernels
 ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "chunked", "cudnn")
 # Block sizes of the "chunked" kernel. Timing one SD1.5 self-attention (batch 2, 4096 tokens,
-# 8 heads x 40, float32) on a shared 2-core AVX-512 CPU (benchmarks/attention_layer.py), every
-# size from 64 to 512 queries x 128 to 1024 keys ran 4-6x faster than "xla", within noise of one
-# another; 256 x 256 (a 4 MiB float32 score block at batch 2) had the best medians.
-QUERY_CHUNK_SIZE = 256
-KEY_CHUNK_SIZE = 256
+# 8 heads x 40, float32) on the idle 2-core AVX-512 CPU (benchmarks/attention_layer.py,
+# 2026-12-03): 512 x 512 526 ms, 1024 x 512 534, 512 x 1024 554, 256 x 1024 558, 1024 x 1024
+# 617, 256 x 256 786 (the earlier default; on a loaded machine the sizes were within noise).
+# The SD1.5 U-Net forward then took 10.2 s instead of 12.8 s (benchmarks/README.md). A score
+# block is B x heads x 1 MiB in float32.
+QUERY_CHUNK_SIZE = 512
+KEY_CHUNK_SIZE = 512
 
 
 def _cudnn_supported(q: jax.Array, k: jax.Array, mask) -> bool:
