@@ -1,8 +1,8 @@
 # The two commands of the README:
 #   make demo   installs, then trains the shapes autoencoder and latent diffusion model, samples a
-#               grid and prints the prompt-adherence table (about 16 minutes on a 2-core CPU)
+#               grid and prints the prompt-adherence table (15-22 minutes on a 2-core CPU)
 #   make test   installs, then runs the whole test suite (8 simulated CPU devices, two pytest
-#               workers: the suite is bound by single-threaded XLA compilation; ~21 min)
+#               workers: the suite is bound by single-threaded XLA compilation; 10-23 min by CPU)
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin

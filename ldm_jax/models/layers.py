@@ -126,7 +126,7 @@ class ResnetBlock2D(nn.Module):
 # ---------------------------------------------------------------- attention kernels
 ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "chunked", "cudnn")
 # Block sizes of the "chunked" kernel. Timing one SD1.5 self-attention (batch 2, 4096 tokens,
-# 8 heads x 40, float32) on the idle 2-core AVX-512 CPU (benchmarks/attention_layer.py,
+# 8 heads x 40, float32) on an idle 2-core AVX-512 Xeon (benchmarks/attention_layer.py,
 # 2026-12-03): 512 x 512 526 ms, 1024 x 512 534, 512 x 1024 554, 256 x 1024 558, 1024 x 1024
 # 617, 256 x 256 786 (the earlier default; on a loaded machine the sizes were within noise).
 # The SD1.5 U-Net forward then took 10.2 s instead of 12.8 s (benchmarks/README.md). A score
