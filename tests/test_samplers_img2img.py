@@ -262,16 +262,31 @@ def test_every_sampler_takes_img2img_options(name):
         fn(model, jnp.asarray(noise), schedule, 10, key, start_step=5, init_latents=x0)
     )
     assert np.all(np.isfinite(out))
-    # Every point ends near a mixture mean (within 4 of its component's stds).
+    # Every point ends near a mixture mean: within 4 of the widest component's std (0.4) of one of
+    # the means on a ring of radius 2. A wrong noise level (e.g. VP scaling in a sigma-space
+    # sampler, sigma ~ 15 at t = 999) or a skipped start leaves points far outside.
     d = np.linalg.norm(out[:, None] - np.asarray(GMM.means)[None], axis=-1)
     assert np.all(d.min(1) < 4 * float(np.max(GMM.stds)) + 0.1), name
     for bad, message in [
         (dict(start_step=10, init_latents=x0), "start_step must be in"),
         (dict(start_step=3), "needs init_latents"),
         (dict(start_step=3, init_latents=x0[:4]), "init_latents must have"),
+        (dict(start_step=2.0, init_latents=x0), "start_step must be an int"),
     ]:
         with pytest.raises(ValueError, match=message):
             fn(model, jnp.asarray(noise), schedule, 10, key, **bad)
+
+
+def test_pndm_needs_four_kept_steps_for_its_warm_up():
+    config = tuple(SD.items())
+    x0, noise = _inputs()
+    with pytest.raises(
+        ValueError, match=r"needs >= 4 steps to run, got 3 \(num_steps 10, start_step 7"
+    ):
+        samplers.get_sampler("pndm")(
+            _model(config, "epsilon"), jnp.asarray(noise), _schedule(config), 10,
+            start_step=7, init_latents=x0,
+        )  # fmt: skip
 
 
 def _exact_img2img(config, x0, noise, sigma):

@@ -379,30 +379,30 @@ def test_sample_cli_pretrained_writes_outputs(sd_folder, tmp_path, capsys):
     assert "denoising" in captured.err and "3/3" in captured.err  # progress over 3 evaluations
 
 
-def test_sample_cli_pretrained_img2img(sd_folder, tmp_path, capsys):
-    """`--init-image` with the checkpoint's own sampler (DDIM here): the steps run are those the
-    strength keeps, and the init image is used (same seed, other picture, other image; with
-    random weights nothing more can be asked: test_img2img_matches_diffusers checks the values)."""
+def test_sample_cli_pretrained_img2img(sd_folder, sd, tmp_path, capsys):
+    """`--init-image --strength` with the checkpoint's own sampler (DDIM here): the steps run are
+    those the strength keeps, and the PNG is `generate`'s img2img image (whose values
+    test_img2img_matches_diffusers checks), not the text-to-image one of the same seed."""
     from PIL import Image
 
     folder, _ = sd_folder
-    pictures = []
-    for i, value in enumerate((40, 215)):  # a dark and a bright init image
-        path = tmp_path / f"init{i}.png"
-        Image.fromarray(np.full((SIZE, SIZE, 3), value, np.uint8)).save(path)
-        pictures.append(path)
-    outs = []
-    for i, path in enumerate(pictures):
-        out = tmp_path / f"out{i}"
-        args = ["sample", "--pretrained", str(folder), "--prompt", PROMPTS[1], "--steps", "5"]
-        args += ["--init-image", str(path), "--strength", "0.6", "--seed", "1", "--out", str(out)]
-        args += ["--height", str(SIZE), "--width", str(SIZE)]
-        assert cli.main(args) == 0
-        manifest = json.loads((out / "manifest.json").read_text())
-        assert manifest[0]["strength"] == 0.6 and manifest[0]["init_image"] == str(path)
-        assert "3/3" in capsys.readouterr().err  # int(5 * 0.6) = 3 of the 5 steps run
-        outs.append(np.asarray(Image.open(out / manifest[0]["file"]), np.float64))
-    assert np.abs(outs[1] - outs[0]).mean() > 0.5
+    picture = np.random.default_rng(2).integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)
+    path = tmp_path / "init.png"
+    Image.fromarray(picture).save(path)
+    out = tmp_path / "out"
+    args = ["sample", "--pretrained", str(folder), "--prompt", PROMPTS[1], "--steps", "5"]
+    args += ["--init-image", str(path), "--strength", "0.6", "--seed", "1", "--out", str(out)]
+    args += ["--height", str(SIZE), "--width", str(SIZE)]
+    assert cli.main(args) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest[0]["strength"] == 0.6 and manifest[0]["init_image"] == str(path)
+    assert "3/3" in capsys.readouterr().err  # int(5 * 0.6) = 3 of the 5 steps run
+    written = np.asarray(Image.open(out / manifest[0]["file"]))
+    kwargs = dict(num_inference_steps=5, guidance_scale=7.5, seed=1, height=SIZE, width=SIZE)
+    img2img = generate(sd, PROMPTS[1], image=picture, strength=0.6, **kwargs)[0]
+    np.testing.assert_array_equal(written, img2img)
+    txt2img = generate(sd, PROMPTS[1], **kwargs)[0]
+    assert np.abs(written.astype(int) - txt2img.astype(int)).mean() > 5
 
 
 def test_sample_cli_pretrained_bad_input(sd_folder, tmp_path, capsys):

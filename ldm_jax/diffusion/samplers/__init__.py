@@ -61,6 +61,23 @@ def normal_like(key, x: jnp.ndarray) -> jnp.ndarray:
     return rng.normal(key, x.shape, x.dtype)
 
 
+def check_img2img(noise, num_steps: int, start_step, init_latents) -> None:
+    """ValueError naming what is wrong with the img2img options (start_step: a static int in
+    [0, num_steps); init_latents: None, or an array of the noise's shape, needed when
+    start_step > 0)."""
+    if isinstance(start_step, bool) or not isinstance(start_step, int | np.integer):
+        raise ValueError(f"start_step must be an int, got {start_step!r}")
+    if not 0 <= start_step < num_steps:
+        raise ValueError(f"start_step must be in [0, num_steps={num_steps}), got {start_step}")
+    if init_latents is None and start_step:
+        raise ValueError("start_step > 0 needs init_latents (the clean latents to noise)")
+    if init_latents is not None and jnp.shape(init_latents) != jnp.shape(noise):
+        raise ValueError(
+            f"init_latents must have the noise's shape {jnp.shape(noise)}, "
+            f"got {jnp.shape(init_latents)}"
+        )
+
+
 def initial_sample(
     noise: jnp.ndarray,
     num_steps: int,
@@ -77,19 +94,9 @@ def initial_sample(
     (sqrt(alpha_bar_t), sqrt(1 - alpha_bar_t)) for the VP samplers, (1, sigma_k) for the
     sigma-space ones. Also with start_step = 0: diffusers' img2img noises the image at strength 1.
     """
-    if isinstance(start_step, bool) or not isinstance(start_step, int | np.integer):
-        raise ValueError(f"start_step must be an int, got {start_step!r}")
-    if not 0 <= start_step < num_steps:
-        raise ValueError(f"start_step must be in [0, num_steps={num_steps}), got {start_step}")
+    check_img2img(noise, num_steps, start_step, init_latents)
     if init_latents is None:
-        if start_step:
-            raise ValueError("start_step > 0 needs init_latents (the clean latents to noise)")
         return noise * txt2img_scale
-    if jnp.shape(init_latents) != jnp.shape(noise):
-        raise ValueError(
-            f"init_latents must have the noise's shape {jnp.shape(noise)}, "
-            f"got {jnp.shape(init_latents)}"
-        )
     alpha, sigma = level(int(start_step))
     return alpha * jnp.asarray(init_latents, noise.dtype) + sigma * noise
 
@@ -109,6 +116,7 @@ __all__ = [
     "SAMPLERS",
     "ddim",
     "ddpm",
+    "check_img2img",
     "get_sampler",
     "initial_sample",
     "normal_like",

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ldm_jax.diffusion.samplers import _vp, register
+from ldm_jax.diffusion.samplers import _vp, check_img2img, register
 from ldm_jax.diffusion.schedules import NoiseSchedule
 
 
@@ -119,6 +119,7 @@ def deis(
     )
     final = float(_vp.train_sigmas(acp)[0]) if kind is None else sigmas[-1]
     sigmas = np.append(sigmas, final).astype(np.float32)
+    check_img2img(noise, num_steps, start_step, init_latents)  # before start_step is used
     orders = _vp.multistep_orders(num_steps, solver_order, lower_order_final, start=start_step)
     plan = _deis_plan(ts, sigmas, orders, solver_order)
     threshold = None

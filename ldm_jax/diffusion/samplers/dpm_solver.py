@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ldm_jax.diffusion.samplers import _vp, register
+from ldm_jax.diffusion.samplers import _vp, check_img2img, register
 from ldm_jax.diffusion.schedules import NoiseSchedule
 
 MULTISTEP_ALGORITHMS = ("dpmsolver", "dpmsolver++", "sde-dpmsolver", "sde-dpmsolver++")
@@ -269,6 +269,7 @@ def dpm_solver_multistep(
         custom_sigmas=sigmas,
     )
     sigmas = np.append(sigmas, final).astype(np.float32)
+    check_img2img(noise, num_steps, start_step, init_latents)  # before start_step is used
     orders = _vp.multistep_orders(
         num_steps,
         solver_order,
@@ -364,6 +365,7 @@ def dpm_solver_singlestep(
         custom_sigmas=sigmas,
     )
     sigmas = np.append(sigmas, final).astype(np.float32)
+    check_img2img(noise, num_steps, start_step, init_latents)  # before start_step is used
     orders = _singlestep_orders(
         num_steps, solver_order, lower_order_final, final_sigmas_type == "zero", start_step
     )

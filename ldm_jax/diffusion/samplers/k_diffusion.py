@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ldm_jax.diffusion.objectives import PREDICTION_TYPES
-from ldm_jax.diffusion.samplers import initial_sample, normal_like, register
+from ldm_jax.diffusion.samplers import check_img2img, initial_sample, normal_like, register
 from ldm_jax.diffusion.schedules import (
     NoiseSchedule,
     inference_sigmas,
@@ -242,6 +242,7 @@ def lms(
         use_exponential_sigmas=use_exponential_sigmas,
         use_beta_sigmas=use_beta_sigmas,
     )
+    check_img2img(noise, num_steps, start_step, init_latents)  # before start_step is used
     coeffs = _const(_lms_coefficients(sigmas, order, start_step))
     ts, sig = _const(ts), _const(sigmas)
 

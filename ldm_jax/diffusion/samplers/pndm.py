@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ldm_jax.diffusion.samplers import initial_sample, register
+from ldm_jax.diffusion.samplers import check_img2img, initial_sample, register
 from ldm_jax.diffusion.schedules import TIMESTEP_SPACINGS, NoiseSchedule, concrete_alphas_cumprod
 
 # Adams-Bashforth weights of the current output and the last three (Liu et al. 2022, Eq. 12).
@@ -116,10 +116,8 @@ def _pndm(
         )
     acp = concrete_alphas_cumprod(schedule)
     big_t = len(acp)
-    if isinstance(start_step, int) and 0 <= start_step < num_steps:  # else initial_sample says
-        p = _program(num_steps, big_t, timestep_spacing, steps_offset, skip_prk_steps, start_step)
-    else:
-        p = _program(num_steps, big_t, timestep_spacing, steps_offset, skip_prk_steps)
+    check_img2img(noise, num_steps, start_step, init_latents)
+    p = _program(num_steps, big_t, timestep_spacing, steps_offset, skip_prk_steps, start_step)
     final = 1.0 if set_alpha_to_one else acp[0]
     t_from, t_to = p["t_from"].astype(np.int64), p["t_to"].astype(np.int64)
     a_t = acp[t_from]
@@ -154,9 +152,10 @@ def _pndm(
         x = c["coef_x"][j] * base - c["coef_e"][j] * e
         return x, saved, hist, acc
 
-    # init_noise_sigma = 1; img2img: add_noise at the first call's (highest kept) timestep.
+    # init_noise_sigma = 1; img2img: add_noise at the first call's timestep, the highest kept
+    # one (the program already starts there, so `level` needs no step index).
     top = float(acp[int(p["t"][0])])
-    level = lambda k: (np.float32(np.sqrt(top)), np.float32(np.sqrt(1 - top)))
+    level = lambda _: (np.float32(np.sqrt(top)), np.float32(np.sqrt(1 - top)))
     x = initial_sample(noise, num_steps, start_step, init_latents, level)
     zeros = jnp.zeros_like(noise)
     hist = jnp.zeros((3,) + noise.shape, noise.dtype)

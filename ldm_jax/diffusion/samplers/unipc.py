@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ldm_jax.diffusion.samplers import _vp, register
+from ldm_jax.diffusion.samplers import _vp, check_img2img, register
 from ldm_jax.diffusion.schedules import NoiseSchedule
 
 SOLVER_TYPES = ("bh1", "bh2")
@@ -165,6 +165,7 @@ def unipc(
     smallest = float(_vp.train_sigmas(acp)[0]) if kind is None else sigmas[-1]
     final = 0.0 if final_sigmas_type == "zero" else smallest
     sigmas = np.append(sigmas, final).astype(np.float32)
+    check_img2img(noise, num_steps, start_step, init_latents)  # before start_step is used
     plan = _unipc_plan(
         ts,
         sigmas,
