@@ -242,10 +242,6 @@ def test_restarting_img2img_matches_diffusers_arithmetic(name, steps, start, con
 # --- Every sampler ---------------------------------------------------------------------------
 
 
-STOCHASTIC = {"euler_ancestral", "dpm2_ancestral", "dpmpp_sde", "ddpm", "lcm", "dpmpp_2m_sde"}
-STOCHASTIC |= {"dpmpp_3m_sde"}
-
-
 @pytest.mark.parametrize("name", samplers.sampler_names())
 def test_every_sampler_takes_img2img_options(name):
     """start_step = 0 without init_latents is text-to-image; img2img from step 5 of 10 lands near
@@ -267,6 +263,11 @@ def test_every_sampler_takes_img2img_options(name):
     # sampler, sigma ~ 15 at t = 999) or a skipped start leaves points far outside.
     d = np.linalg.norm(out[:, None] - np.asarray(GMM.means)[None], axis=-1)
     assert np.all(d.min(1) < 4 * float(np.max(GMM.stds)) + 0.1), name
+    # ... and the init latents are used: the run stays nearer to them than text-to-image from
+    # the same noise (measured: mean distance 1.07-1.86 vs 2.31-2.51 over all samplers, the SDE
+    # ones the least near; bound 0.85x).
+    near = lambda a: float(np.mean(np.linalg.norm(a - x0, axis=-1)))
+    assert near(out) < 0.85 * near(np.asarray(plain)), (name, near(out), near(np.asarray(plain)))
     for bad, message in [
         (dict(start_step=10, init_latents=x0), "start_step must be in"),
         (dict(start_step=3), "needs init_latents"),
