@@ -117,6 +117,11 @@ def main(argv=None):
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--no-torch", action="store_true", help="skip diffusers/PyTorch")
     parser.add_argument("--no-gpu-extras", action="store_true", help="GPU: float32 part only")
+    parser.add_argument(
+        "--bf16-attention",
+        default="xla,cudnn,chunked",
+        help="GPU: comma-separated JAX attention kernels to time in bfloat16",
+    )
     args = parser.parse_args(argv)
     # JAX and PyTorch share the GPU: keep XLA from taking 75% of its memory up front (read when
     # the GPU client starts, at the first JAX call below).
@@ -173,7 +178,7 @@ def main(argv=None):
         return
     # ---------------------------------------------------------------- GPU: bfloat16, cuDNN
     fns, outputs = {}, {}
-    for impl in ("xla", "cudnn", "chunked"):
+    for impl in args.bf16_attention.split(","):
         try:
             compile_s, fn = jax_forward(impl, jnp.bfloat16, variables, inputs)
         except Exception as e:  # e.g. no cuDNN flash attention for these shapes: say so, go on
