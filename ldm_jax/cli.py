@@ -7,6 +7,7 @@ ldm-jax sample --pretrained PATH [--tokenizer DIR] --prompt ... [--height H --wi
                [--guidance-rescale R] [--init-image IMG [--strength S]] [--mask MASK] --out OUTDIR
 ldm-jax convert SRC --out DIR [--to diffusers|orbax] [--variant fp16 --dtype float16]
 ldm-jax encode --workdir AE_RUN --config configs/shapes.py:ldm --out DIR [--config.a.b=value ...]
+ldm-jax encode --config configs/sd15_finetune.py --config.pretrained=P --config.data.path=D --out DIR
 ldm-jax eval adherence --workdir DIR [--guidance-scales 0 4] [--num-per-prompt 8] [--out FILE]
 """
 
@@ -274,9 +275,24 @@ def _encode(args, overrides):
 
     config = load_config(args.config, overrides)
     start = time.perf_counter()
-    meta = latents.encode(
-        config, args.workdir, args.out, split=args.split, batch_size=args.batch_size
-    )
+    if config.stage == "finetune":  # the VAE of config.pretrained; its train split
+        from ldm_jax.train import finetune
+
+        if args.workdir or args.split != "train":
+            raise ValueError(
+                "a finetune config encodes the train split with the VAE of "
+                "config.pretrained; drop --workdir and --split"
+            )
+        meta = finetune.encode_dataset(config, args.out, batch_size=args.batch_size or 16)
+    elif not args.workdir:
+        raise ValueError(
+            f"--workdir (the autoencoder run whose VAE encodes) is required for "
+            f"a {config.stage} config"
+        )
+    else:
+        meta = latents.encode(
+            config, args.workdir, args.out, split=args.split, batch_size=args.batch_size or 256
+        )
     print(
         f"encoded {meta['num_examples']} examples of {config.data.name}/{args.split} to "
         f"{args.out} in {time.perf_counter() - start:.1f} s; train on them with "
@@ -380,11 +396,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=_convert)
 
     p = sub.add_parser("encode", help="precompute a dataset's VAE latents and caption tokens")
-    p.add_argument("--workdir", required=True, help="an autoencoder (or ldm) run: its VAE")
+    p.add_argument(
+        "--workdir",
+        help="an autoencoder (or ldm) run: its VAE (a finetune config uses config.pretrained's)",
+    )
     p.add_argument("--config", required=True, help="configs/<name>.py[:arg]: data, tokenizer")
     p.add_argument("--out", required=True, help="output folder (a TFDS dataset and meta.json)")
     p.add_argument("--split", default="train", choices=("train", "test"))
-    p.add_argument("--batch-size", type=int, default=256, help="images per encoder call")
+    p.add_argument(
+        "--batch-size", type=int, help="images per encoder call (256; finetune configs 16)"
+    )
     p.set_defaults(fn=_encode, takes_overrides=True)
 
     p = sub.add_parser("eval", help="evaluations")

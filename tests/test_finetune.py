@@ -296,3 +296,145 @@ def test_loss_matches_diffusers_training_step(checkpoints, name, prediction_type
     # Dropping captions changes the loss by more than that: the check above is not vacuous.
     kept = step(model.unet_params, frozen, batch, {**draws, "drop": np.zeros(n, bool)})[0]
     assert abs(float(kept) - expected) > 3 * tolerance, (float(kept), expected)
+
+
+# --- Precomputed latents (`ldm-jax encode` with a finetune config). ---
+
+
+def _encode_args(name, checkpoint, photos, out, *extra):
+    root, data_dir = photos
+    return [
+        "encode",
+        "--config",
+        f"{CONFIGS[name]}:smoke",
+        f"--config.pretrained={checkpoint}",
+        f"--config.data.path={root}",
+        f"--config.data.data_dir={data_dir}",
+        "--out",
+        str(out),
+        *extra,
+    ]
+
+
+@pytest.fixture(scope="module")
+def sd15_latents(tmp_path_factory, checkpoints, photos):
+    """The photos encoded with the tiny SD1.5 VAE, 3 per call (the last call padded)."""
+    folder, _ = checkpoints["sd15"]
+    out = tmp_path_factory.mktemp("latents") / "sd15"
+    assert cli.main(_encode_args("sd15", folder, photos, out, "--batch-size", "3")) == 0
+    return out
+
+
+def test_precomputed_latents_give_the_loss_of_in_step_encoding(checkpoints, photos, sd15_latents):
+    folder, _ = checkpoints["sd15"]
+    root, data_dir = photos
+    meta = json.loads((sd15_latents / "meta.json").read_text())
+    assert meta["stage"] == "finetune" and meta["num_examples"] == len(PHOTOS)
+    assert set(meta["columns"]) == {
+        "latent_mean",
+        "latent_std",
+        "latent_mean_flipped",
+        "latent_std_flipped",
+        "caption",
+    }
+    overrides = [f"pretrained={folder}", f"data.path={root}", f"data.data_dir={data_dir}"]
+    config = load_config(f"{CONFIGS['sd15']}:smoke", overrides)
+    pre_config = load_config(
+        f"{CONFIGS['sd15']}:smoke", [*overrides, f"data.precomputed_latents_dir={sd15_latents}"]
+    )
+    model = finetune.load_model(config)
+    objective = finetune.make_objective(config, model)
+    images = finetune.make_batches(config, model)[1]
+    latents = finetune.make_batches(pre_config, model)[1]
+    assert "image" not in latents and "latent_mean_flipped" in latents
+    for a, b in zip(images["input_ids"], latents["input_ids"], strict=True):
+        np.testing.assert_array_equal(a, b)  # the same examples, the same captions
+    n = len(latents["latent_mean"])
+    draws = finetune.sample_draws(objective, jax.random.key(3), n)
+    draws["flip"] = np.arange(n) % 2 == 0  # both orientations in one batch
+    frozen = finetune.frozen_params(model)
+    step = jax.jit(
+        lambda b, d: finetune.loss_with_draws(objective, model.unet_params, frozen, b, d)
+    )
+    in_step, read = float(step(images, draws)[0]), float(step(latents, draws)[0])
+    tolerance = 1e-5 * abs(in_step)
+    assert abs(in_step - read) <= tolerance, (in_step, read)
+    # Not vacuous: the other orientations' posteriors give another loss (by 8.5e-4 relative on
+    # these random photos, where the diffusion noise dominates the loss).
+    other = float(step(latents, {**draws, "flip": ~draws["flip"]})[0])
+    assert abs(other - in_step) > 20 * tolerance, (other, in_step)
+
+
+@pytest.mark.slow
+def test_finetune_on_precomputed_latents_trains_as_in_step_encoding(
+    tmp_path, sd15_run, checkpoints, photos, sd15_latents
+):
+    """Two steps of the CLI run on the latents: the losses of sd15_run's first two steps."""
+    folder, _ = checkpoints["sd15"]
+    workdir = tmp_path / "sd15_latents"
+    args = _train_args(
+        "sd15",
+        workdir,
+        folder,
+        photos,
+        f"--config.data.precomputed_latents_dir={sd15_latents}",
+        "--config.num_train_steps=2",
+        "--config.sample.prompts=()",
+    )
+    assert cli.main(args) == 0
+    got, want = _metrics(workdir), _metrics(sd15_run[0])[:2]
+    assert [r["step"] for r in got] == [1, 2]
+    for a, b in zip(got, want):
+        assert abs(a["loss"] - b["loss"]) <= 1e-4 * abs(b["loss"]), (a, b)
+    assert load_pretrained(workdir / "export").kind == "sd1"
+
+
+def test_precomputed_latents_that_do_not_fit_are_refused(
+    tmp_path, checkpoints, photos, sd15_latents, capsys
+):
+    root, data_dir = photos
+    sdxl_folder, _ = checkpoints["sdxl"]
+    sd15_folder, _ = checkpoints["sd15"]
+
+    def batches(folder, latents, *extra):
+        config = load_config(
+            f"{CONFIGS['sd15']}:smoke",
+            [
+                f"pretrained={folder}",
+                f"data.path={root}",
+                f"data.data_dir={data_dir}",
+                f"data.precomputed_latents_dir={latents}",
+                *extra,
+            ],
+        )
+        return finetune.make_batches(config, finetune.load_model(config))
+
+    # (The tiny SDXL checkpoint has the tiny SD1.5 VAE: only the size columns are missing.)
+    with pytest.raises(ValueError, match="no SDXL size conditioning"):
+        batches(sdxl_folder, sd15_latents)
+    with pytest.raises(ValueError, match="image_size 16, not 32"):
+        batches(sd15_folder, sd15_latents, "data.image_size=32")
+    # Latents written without mirror images do not serve a run that flips.
+    unflipped = tmp_path / "unflipped"
+    args = _encode_args("sd15", sd15_folder, photos, unflipped, "--config.data.random_flip=False")
+    assert cli.main(args) == 0
+    assert "latent_mean_flipped" not in json.loads((unflipped / "meta.json").read_text())["columns"]
+    with pytest.raises(ValueError, match="no mirror images"):
+        batches(sd15_folder, unflipped)
+    assert "latent_mean" in batches(sd15_folder, unflipped, "data.random_flip=False")[0]
+    meta = json.loads((unflipped / "meta.json").read_text())
+    (unflipped / "meta.json").write_text(json.dumps({**meta, "vae_fingerprint": "0" * 16}))
+    with pytest.raises(ValueError, match="another VAE"):
+        batches(sd15_folder, unflipped, "data.random_flip=False")
+    # The ldm stage's latents (token ids, its own VAE) are not the finetune stage's.
+    (unflipped / "meta.json").write_text(json.dumps({**meta, "stage": "ldm"}))
+    with pytest.raises(ValueError, match="written for the ldm stage"):
+        batches(sd15_folder, unflipped, "data.random_flip=False")
+    with pytest.raises(FileNotFoundError, match="ldm-jax encode --config"):
+        batches(sd15_folder, tmp_path / "nothing")
+    # The CLI: --workdir does not apply, and an existing output is not overwritten.
+    assert cli.main(_encode_args("sd15", sd15_folder, photos, sd15_latents)) == 2
+    assert "already holds encoded latents" in capsys.readouterr().err
+    args = _encode_args("sd15", sd15_folder, photos, tmp_path / "x", "--workdir", str(tmp_path))
+    assert cli.main(args) == 2
+    assert "drop --workdir" in capsys.readouterr().err

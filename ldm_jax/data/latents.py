@@ -1,4 +1,4 @@
-"""Precomputed latents: a dataset's images encoded once by the trained VAE, read by the ldm stage.
+"""Precomputed latents: a dataset's images encoded once by a frozen VAE, read by a trainer.
 
   ldm-jax encode --workdir runs/shapes/autoencoder --config configs/shapes.py:ldm --out DIR
   ldm-jax train --config configs/shapes.py:ldm --workdir runs/shapes/ldm \
@@ -10,6 +10,8 @@ et al. 2022, as `ldm.encode_dataset` does in memory) and the captions' token ids
 Token ids rather than text embeddings: the ldm stage trains its text encoder jointly with the U-Net
 (as LDM's text-to-image model did), so embeddings computed now would be stale after one step. A
 frozen text encoder (fine-tuning a pretrained model) could store embeddings instead; not done here.
+The finetune stage writes its own columns through the same writer (`ldm_jax.train.finetune`:
+the checkpoint's VAE, flipped images too, captions as text).
 
 The arrays are written as .npy files (memory-mapped, so the encoder streams over the dataset),
 then turned into a TFDS dataset by the `PrecomputedLatents` builder (array_record, random access)
@@ -34,7 +36,6 @@ import numpy as np
 log = logging.getLogger("ldm_jax")
 
 VERSION = "1.0.0"
-COLUMNS = ("latent_mean", "latent_std", "caption_ids", "canonical_ids")
 # The latent scale (1/std of sampled latents, LDM Sec. 4.3.2) is estimated from at most this many
 # examples in stored order: all of them for the shapes data (24,000), a bounded read for ImageNet.
 MAX_SCALE_EXAMPLES = 65_536
@@ -127,37 +128,25 @@ def encode(
     size, ch = config.data.image_size, config.autoencoder.latent_channels
     lat = jax.eval_shape(encode_fn, vae_params, jax.ShapeDtypeStruct((1, size, size, 3), jnp.uint8))
     latent_shape = tuple(lat.mean.shape[1:])
-    arrays_dir = out_dir / "arrays"
-    arrays_dir.mkdir(parents=True, exist_ok=True)
     length = tokenizer.context_length
-    shapes = {"latent_mean": latent_shape, "latent_std": latent_shape}
-    shapes.update(caption_ids=(length,), canonical_ids=(length,))
-    out = {
-        key: np.lib.format.open_memmap(
-            arrays_dir / f"{key}.npy",
-            mode="w+",
-            dtype=np.float32 if key.startswith("latent") else np.int32,
-            shape=(n, *shape),
-        )
-        for key, shape in shapes.items()
+    columns = {
+        "latent_mean": (latent_shape, "float32"),
+        "latent_std": (latent_shape, "float32"),
+        "caption_ids": ((length,), "int32"),
+        "canonical_ids": ((length,), "int32"),
     }
+    arrays_dir = out_dir / "arrays"
+    out = open_arrays(arrays_dir, n, columns)
     canonical = data.get("canonical_caption", data["caption"])
-    for start in range(0, n, batch_size):
-        stop = min(start + batch_size, n)
-        batch = np.asarray(images[start:stop])
-        pad = batch_size - len(batch)  # one compiled shape: pad the last batch, drop the pad
-        if pad:
-            batch = np.concatenate([batch, np.repeat(batch[-1:], pad, axis=0)])
+    for start, stop, batch in padded_batches(images, batch_size):
         posterior = encode_fn(vae_params, batch)
         out["latent_mean"][start:stop] = np.asarray(posterior.mean)[: stop - start]
         out["latent_std"][start:stop] = np.asarray(posterior.std)[: stop - start]
         out["caption_ids"][start:stop] = tokenizer(list(data["caption"][start:stop]))
         out["canonical_ids"][start:stop] = tokenizer(list(canonical[start:stop]))
         log.info("encoded %d / %d examples", stop, n)
-    for array in out.values():
-        array.flush()
-    del out
     meta = {
+        "stage": "ldm",
         "num_examples": n,
         "split": split,
         "latent_shape": list(latent_shape),
@@ -172,13 +161,71 @@ def encode(
         "vae_workdir": os.fspath(pathlib.Path(workdir).absolute()),
         "text": "caption token ids (the ldm stage trains its text encoder; no embeddings stored)",
     }
+    finish(out_dir, meta, out, keep_arrays=keep_arrays)
+    log.info("wrote %d precomputed latents %s to %s", n, latent_shape, out_dir)
+    return meta
+
+
+def padded_batches(images, batch_size: int):
+    """(start, stop, uint8[batch_size, H, W, 3]) over `images` in order; the last batch is padded
+    with copies of its last image (one compiled shape), rows from stop - start on are padding."""
+    n = len(images)
+    for start in range(0, n, batch_size):
+        stop = min(start + batch_size, n)
+        batch = np.asarray(images[start:stop])
+        if len(batch) < batch_size:
+            batch = np.concatenate([batch, np.repeat(batch[-1:], batch_size - len(batch), axis=0)])
+        yield start, stop, batch
+
+
+def open_arrays(arrays_dir: pathlib.Path, n: int, columns: dict) -> dict:
+    """Writable arrays of `n` rows for `columns` {name: (shape, dtype)}: memory-mapped .npy files
+    in `arrays_dir` for numbers, a list (kept in memory, written by `finish`) for "string"."""
+    arrays_dir.mkdir(parents=True, exist_ok=True)
+    out = {}
+    for key, (shape, dtype) in columns.items():
+        if dtype == "string":
+            out[key] = [""] * n
+        else:
+            out[key] = np.lib.format.open_memmap(
+                arrays_dir / f"{key}.npy", mode="w+", dtype=np.dtype(dtype), shape=(n, *shape)
+            )
+    return out
+
+
+def finish(out_dir: pathlib.Path, meta: dict, arrays: dict, *, keep_arrays: bool = False):
+    """Turns the filled `open_arrays` of `out_dir/arrays` into the TFDS dataset of `out_dir`, then
+    writes `out_dir/meta.json` (last: its presence means the latents are complete). `meta` gets
+    the column spec under "columns"."""
+    arrays_dir = out_dir / "arrays"
+    columns = {}
+    for key, values in arrays.items():
+        if isinstance(values, list):
+            (arrays_dir / f"{key}.json").write_text(json.dumps(values))
+            columns[key] = {"shape": [], "dtype": "string"}
+        else:
+            values.flush()
+            columns[key] = {"shape": list(values.shape[1:]), "dtype": str(values.dtype)}
+    meta["columns"] = columns
     builder = make_builder(out_dir, meta, arrays_dir)
     builder.download_and_prepare(file_format="array_record")
     if not keep_arrays:
         shutil.rmtree(arrays_dir)
     (out_dir / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-    log.info("wrote %d precomputed latents %s to %s", n, latent_shape, out_dir)
-    return meta
+
+
+def column_spec(meta: dict) -> dict:
+    """{name: {"shape", "dtype"}} of the stored columns (meta.json before "columns" existed held
+    the ldm stage's four)."""
+    if "columns" in meta:
+        return meta["columns"]
+    shape, length = list(meta["latent_shape"]), [meta["context_length"]]
+    return {
+        "latent_mean": {"shape": shape, "dtype": "float32"},
+        "latent_std": {"shape": shape, "dtype": "float32"},
+        "caption_ids": {"shape": length, "dtype": "int32"},
+        "canonical_ids": {"shape": length, "dtype": "int32"},
+    }
 
 
 def make_builder(out_dir: pathlib.Path, meta: dict, arrays_dir: pathlib.Path | None = None):
@@ -187,29 +234,28 @@ def make_builder(out_dir: pathlib.Path, meta: dict, arrays_dir: pathlib.Path | N
 
     @dataclasses.dataclass
     class LatentsConfig(tfds.core.BuilderConfig):
-        latent_shape: tuple = ()
-        context_length: int = 77
+        columns: tuple = ()  # ((name, shape, dtype), ...)
         arrays_dir: str = ""
         split: str = "train"
 
-    class PrecomputedLatents(tfds.core.GeneratorBasedBuilder):
-        """VAE posterior mean/std and caption token ids, written by `ldm_jax.data.latents`."""
+    def feature(shape, dtype):
+        if dtype == "string":
+            return tfds.features.Text()
+        return tfds.features.Tensor(shape=tuple(shape), dtype=np.dtype(dtype))
+
+    # Defined per call (its features are the meta's): kept out of TFDS's registry of names.
+    class PrecomputedLatents(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+        """VAE posteriors and captions (token ids or text), written by `ldm_jax.data.latents`."""
 
         VERSION = tfds.core.Version(VERSION)
 
         def _info(self):
-            shape, length = (
-                tuple(self.builder_config.latent_shape),
-                self.builder_config.context_length,
-            )
             return self.dataset_info_from_configs(
                 description=__doc__,
                 features=tfds.features.FeaturesDict(
                     {
-                        "latent_mean": tfds.features.Tensor(shape=shape, dtype=np.float32),
-                        "latent_std": tfds.features.Tensor(shape=shape, dtype=np.float32),
-                        "caption_ids": tfds.features.Tensor(shape=(length,), dtype=np.int32),
-                        "canonical_ids": tfds.features.Tensor(shape=(length,), dtype=np.int32),
+                        name: feature(shape, dtype)
+                        for name, shape, dtype in self.builder_config.columns
                     }
                 ),
                 disable_shuffling=True,  # the dataset's own order: example i is image i
@@ -222,19 +268,59 @@ def make_builder(out_dir: pathlib.Path, meta: dict, arrays_dir: pathlib.Path | N
 
         def _generate_examples(self):
             root = pathlib.Path(self.builder_config.arrays_dir)
-            arrays = {k: np.load(root / f"{k}.npy", mmap_mode="r") for k in COLUMNS}
-            for i in range(len(arrays["latent_mean"])):
-                yield i, {k: np.asarray(v[i]) for k, v in arrays.items()}
+            arrays = {}
+            for name, _, dtype in self.builder_config.columns:
+                if dtype == "string":
+                    arrays[name] = json.loads((root / f"{name}.json").read_text())
+                else:
+                    arrays[name] = np.load(root / f"{name}.npy", mmap_mode="r")
+            for i in range(meta["num_examples"]):  # strings as they are, arrays row by row
+                yield (
+                    i,
+                    {
+                        k: v[i] if isinstance(v, list) else np.asarray(v[i])
+                        for k, v in arrays.items()
+                    },
+                )
 
     config = LatentsConfig(
         name="default",
-        latent_shape=tuple(meta["latent_shape"]),
-        context_length=meta["context_length"],
+        columns=tuple((k, tuple(c["shape"]), c["dtype"]) for k, c in column_spec(meta).items()),
         arrays_dir=os.fspath(arrays_dir or ""),
         split=meta["split"],
     )
     logging.getLogger("absl").setLevel(logging.ERROR)  # "Using custom data configuration"
     return PrecomputedLatents(config=config, data_dir=os.fspath(out_dir / "tfds"))
+
+
+def open_table(out_dir: str | os.PathLike, encode_hint: str):
+    """(meta, RecordTable of the stored columns) of the latents in `out_dir`; strings decoded.
+
+    encode_hint: the command that writes them, for the error when there are none."""
+    import tensorflow_datasets as tfds
+
+    from ldm_jax.data.pipeline import RecordTable
+
+    out_dir = pathlib.Path(os.path.expanduser(out_dir))
+    if not (out_dir / "meta.json").exists():
+        raise FileNotFoundError(
+            f"no precomputed latents in {out_dir} (meta.json missing): write them with "
+            f"`{encode_hint} --out {out_dir}`"
+        )
+    meta = json.loads((out_dir / "meta.json").read_text())
+    builder = tfds.builder_from_directory(
+        os.fspath(out_dir / "tfds" / "precomputed_latents" / "default" / VERSION)
+    )
+    source = builder.as_data_source(meta["split"])
+    spec = column_spec(meta)
+
+    def convert(example, columns):
+        return {
+            c: example[c].decode("utf-8") if spec[c]["dtype"] == "string" else example[c]
+            for c in columns
+        }
+
+    return meta, RecordTable(source, convert, tuple(spec))
 
 
 def load(config, vae_params, *, in_memory: bool | None = None):
@@ -243,19 +329,18 @@ def load(config, vae_params, *, in_memory: bool | None = None):
     Returns {column: float32[N, h, w, c] / int32[N, context]} in memory, or (in_memory False) a
     `RecordTable` whose columns are read on demand by example index.
     """
-    import tensorflow_datasets as tfds
-
-    from ldm_jax.data.pipeline import RecordTable
     from ldm_jax.train import autoencoder as autoencoder_stage
     from ldm_jax.train.checkpointing import as_json
 
-    out_dir = pathlib.Path(os.path.expanduser(config.data.precomputed_latents_dir))
-    if not (out_dir / "meta.json").exists():
-        raise FileNotFoundError(
-            f"no precomputed latents in {out_dir} (meta.json missing): write them with "
-            f"`ldm-jax encode --workdir <autoencoder run> --config <config> --out {out_dir}`"
+    meta, table = open_table(
+        config.data.precomputed_latents_dir,
+        "ldm-jax encode --workdir <autoencoder run> --config <config>",
+    )
+    if meta.get("stage", "ldm") != "ldm":
+        raise ValueError(
+            f"the latents in {config.data.precomputed_latents_dir} were written for the "
+            f"{meta['stage']} stage; encode again with the ldm config"
         )
-    meta = json.loads((out_dir / "meta.json").read_text())
     checks = {
         "autoencoder": (
             meta["autoencoder_signature"],
@@ -267,17 +352,9 @@ def load(config, vae_params, *, in_memory: bool | None = None):
     for what, (stored, wanted) in checks.items():
         if as_json(stored) != as_json(wanted):
             raise ValueError(
-                f"the latents in {out_dir} were made with another {what} ({stored}) than this "
-                f"run's ({wanted}); encode again with the config's autoencoder_workdir"
+                f"the latents in {config.data.precomputed_latents_dir} were made with another "
+                f"{what} ({stored}) than this run's ({wanted}); encode again with the config's "
+                "autoencoder_workdir"
             )
-    builder = tfds.builder_from_directory(
-        os.fspath(out_dir / "tfds" / "precomputed_latents" / "default" / VERSION)
-    )
-    source = builder.as_data_source(meta["split"])
-
-    def convert(example, columns):
-        return {c: example[c] for c in columns}
-
-    table = RecordTable(source, convert, COLUMNS)
     in_memory = config.data.get("in_memory", True) if in_memory is None else in_memory
     return table.to_numpy(chunk=4096) if in_memory else table

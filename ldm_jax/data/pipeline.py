@@ -319,7 +319,7 @@ def data_config(name: str, image_size: int, **fields) -> dict:
         manual_dir="",  # imagenet2012: the folder holding the two ILSVRC2012 tar files
         caption_template=DEFAULT_CAPTION_TEMPLATE,  # class datasets; {a} is "a" or "an"
         in_memory=True,  # decode the split once into RAM; False: read each batch's examples
-        precomputed_latents_dir="",  # `ldm-jax encode --out DIR`: the ldm stage reads latents
+        precomputed_latents_dir="",  # `ldm-jax encode --out DIR`: ldm and finetune read latents
     )
     unknown = set(fields) - set(defaults)
     if unknown:

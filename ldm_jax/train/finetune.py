@@ -15,9 +15,16 @@ checkpoints, metrics):
   so SD 1.5 trains on epsilon and SD 2.1-v on v; `config.prediction_type` overrides.
 - Every step encodes its own images with the frozen VAE (a posterior sample times the
   checkpoint's scaling factor) and its captions with the frozen text encoder(s), inside the
-  jitted update, as diffusers' SD 1.x script does. Nothing is precomputed, so a dataset of any size
-  streams from disk, and flips and caption dropout are drawn afresh every epoch. The VAE runs in
-  float32 whatever `config.compute_dtype` is (diffusers: "The VAE is in float32 to avoid NaN losses").
+  jitted update, as diffusers' SD 1.x script does, so a dataset of any size streams from disk and
+  flips and caption dropout are drawn afresh every epoch. The VAE runs in float32 whatever
+  `config.compute_dtype` is (diffusers: "The VAE is in float32 to avoid NaN losses").
+- Or the VAE's work is done once (`encode_dataset`, `ldm-jax encode --config <this config>`,
+  read through `data.precomputed_latents_dir`): at 512 px the VAE encoder costs 1.08 TFLOP per
+  image against 2.00 for the SD1.5 U-Net's forward and backward pass (XLA's cost analysis), so
+  encoding in every step adds about half again. What is stored is the posterior (mean, std) of
+  each image and, with `data.random_flip`, of its mirror image, so each step still draws its own
+  posterior sample and flip: the loss is that of in-step encoding (tests/test_finetune.py).
+  Captions stay text; the frozen text encoders still run in the step (about 1% of its FLOPs).
 - Captions are replaced by the unconditional input with probability `p_uncond`, so the model
   keeps the unconditional score that classifier-free guidance needs (Ho & Salimans 2022): the
   encoded empty prompt (the scripts' `--proportion_empty_prompts`), or zero embeddings for
@@ -60,6 +67,7 @@ from ldm_jax import rng as rng_lib
 from ldm_jax.config import read_config
 from ldm_jax.convert import configs as convert_configs
 from ldm_jax.convert import load_pretrained, save_pretrained
+from ldm_jax.data import latents as latents_lib
 from ldm_jax.data.pipeline import SIZE_COLUMNS, StepIndexedBatches, load_dataset
 from ldm_jax.diffusion.objectives import (
     PREDICTION_TYPES,
@@ -201,28 +209,142 @@ class CaptionBatches:
 
 
 def make_batches(config, model) -> CaptionBatches:
+    """The training examples by step: images (or their precomputed posteriors), captions, and
+    for SDXL the size conditioning."""
     if config.data.get("precomputed_latents_dir"):
-        raise ValueError(
-            "data.precomputed_latents_dir: the finetune stage encodes images with the "
-            "checkpoint's VAE in each step and does not read `ldm-jax encode` latents; leave it empty"
-        )
-    data = load_dataset(config, "train")
-    arrays = {"image": data["image"], "caption": data["caption"]}
-    if model.kind == "sdxl":
-        if all(k in data for k in SIZE_COLUMNS):
-            arrays.update({k: data[k] for k in SIZE_COLUMNS})
-        else:  # diffusers' pipelines' defaults: the image as it is, uncropped
-            n, size = len(data["image"]), config.data.image_size
-            log.warning(
-                "%s records no original image sizes: SDXL's original_size is taken to be "
-                "the training size, crop_top_left (0, 0)",
-                config.data.name,
-            )
-            arrays["original_size"] = np.full((n, 2), size, np.int32)
-            arrays["crop_top_left"] = np.zeros((n, 2), np.int32)
+        arrays = precomputed_arrays(config, model)
+    else:
+        data = load_dataset(config, "train")
+        arrays = {"image": data["image"], "caption": data["caption"]}
+        if model.kind == "sdxl":
+            arrays.update(size_conditioning(config, data))
     examples = StepIndexedBatches(arrays, config.batch_size, config.seed)
     log.info("%s: %d examples", config.data.name, examples.num_examples)
     return CaptionBatches(examples, model.get_tokenizers())
+
+
+def size_conditioning(config, data) -> dict:
+    """SDXL's `original_size` and `crop_top_left` (int32[N, 2]) of a dataset: its own columns
+    (the image_caption builder records them), else those of an uncropped image."""
+    if all(k in data for k in SIZE_COLUMNS):
+        return {k: data[k] for k in SIZE_COLUMNS}
+    n, size = len(data["image"]), config.data.image_size
+    log.warning(
+        "%s records no original image sizes: SDXL's original_size is taken to be the training "
+        "size, crop_top_left (0, 0)",
+        config.data.name,
+    )
+    return {
+        "original_size": np.full((n, 2), size, np.int32),
+        "crop_top_left": np.zeros((n, 2), np.int32),
+    }
+
+
+# --- Precomputed latents -------------------------------------------------------------------------
+
+ENCODE_HINT = (
+    "ldm-jax encode --config <the finetune config> --config.pretrained=... --config.data.path=..."
+)
+
+
+def encode_dataset(config, out_dir, *, batch_size: int = 16, keep_arrays: bool = False) -> dict:
+    """The train split of `config.data` encoded once with the VAE of `config.pretrained`, written
+    to `out_dir` for `data.precomputed_latents_dir`; returns the meta also in out_dir/meta.json.
+
+    Columns: latent_mean, latent_std f32[N, h, w, c] (the posterior of each image, pixels in
+    [-1, 1] as in the step), with `data.random_flip` also latent_mean_flipped, latent_std_flipped
+    (of the mirror image), caption (text) and, for SDXL, original_size and crop_top_left.
+    """
+    out_dir = pathlib.Path(out_dir)
+    if (out_dir / "meta.json").exists():
+        raise FileExistsError(f"{out_dir} already holds encoded latents; choose another --out")
+    model = load_model(config)
+    data = load_dataset(config, "train")
+    n, vae = len(data["image"]), model.vae
+    side = config.data.image_size // model.vae_scale_factor
+    shape, flips = (side, side, vae.latent_channels), bool(config.data.random_flip)
+    encode_fn = jax.jit(
+        lambda p, x: vae.apply(p, x.astype(jnp.float32) / 127.5 - 1.0, method=vae.encode)
+    )
+    columns = {"latent_mean": (shape, "float32"), "latent_std": (shape, "float32")}
+    if flips:
+        columns |= {
+            "latent_mean_flipped": (shape, "float32"),
+            "latent_std_flipped": (shape, "float32"),
+        }
+    columns["caption"] = ((), "string")
+    sizes = size_conditioning(config, data) if model.kind == "sdxl" else {}
+    columns |= {k: ((2,), "int32") for k in sizes}
+    out = latents_lib.open_arrays(out_dir / "arrays", n, columns)
+    for start, stop, images in latents_lib.padded_batches(data["image"], batch_size):
+        for suffix, x in (("", images), ("_flipped", images[:, :, ::-1]))[: 1 + flips]:
+            posterior = encode_fn(model.vae_params, x)
+            out["latent_mean" + suffix][start:stop] = np.asarray(posterior.mean)[: stop - start]
+            out["latent_std" + suffix][start:stop] = np.asarray(posterior.std)[: stop - start]
+        out["caption"][start:stop] = [str(c) for c in data["caption"][start:stop]]
+        for key, values in sizes.items():
+            out[key][start:stop] = np.asarray(values[start:stop])
+        log.info("encoded %d / %d examples", stop, n)
+    meta = {
+        "stage": "finetune",
+        "num_examples": n,
+        "split": "train",
+        "kind": model.kind,
+        "latent_shape": list(shape),
+        "image_size": int(config.data.image_size),
+        "random_flip": flips,
+        "dataset": {
+            k: v for k, v in config.data.to_dict().items() if k != "precomputed_latents_dir"
+        },
+        "pretrained": str(pathlib.Path(config.pretrained).absolute()),
+        "variant": config.variant,
+        "vae_fingerprint": latents_lib.vae_fingerprint(model.vae_params),
+        "text": "captions as text: the step tokenizes and encodes them with the frozen encoders",
+    }
+    latents_lib.finish(out_dir, meta, out, keep_arrays=keep_arrays)
+    log.info("wrote %d precomputed latents %s to %s", n, shape, out_dir)
+    return meta
+
+
+def precomputed_arrays(config, model) -> dict:
+    """The columns of `data.precomputed_latents_dir` that this run reads, after checking that
+    they were encoded for it: the finetune stage, this checkpoint's VAE, this image size, and
+    mirror images if the run flips."""
+    path = config.data.precomputed_latents_dir
+    meta, table = latents_lib.open_table(path, ENCODE_HINT)
+    if meta.get("stage", "ldm") != "finetune":
+        raise ValueError(
+            f"the latents in {path} were written for the {meta.get('stage', 'ldm')} stage (its "
+            f"VAE and columns); encode this dataset with `{ENCODE_HINT}`"
+        )
+    fingerprint = latents_lib.vae_fingerprint(model.vae_params)
+    problems = []
+    if meta["vae_fingerprint"] != fingerprint:
+        problems.append(
+            f"another VAE (of {meta['pretrained']}, fingerprint {meta['vae_fingerprint']}; "
+            f"this checkpoint's is {fingerprint})"
+        )
+    if meta["image_size"] != config.data.image_size:
+        problems.append(f"image_size {meta['image_size']}, not {config.data.image_size}")
+    if config.data.random_flip and not meta["random_flip"]:
+        problems.append("no mirror images, and this run has data.random_flip=True")
+    if model.kind == "sdxl" and not all(k in table.columns for k in SIZE_COLUMNS):
+        problems.append("no SDXL size conditioning (encoded for an SD 1.x / 2.x checkpoint)")
+    if problems:
+        raise ValueError(
+            f"the latents in {path} do not fit this run: {'; '.join(problems)}. Encode again "
+            f"with this config (`{ENCODE_HINT}`)"
+        )
+    columns = ["latent_mean", "latent_std", "caption"]
+    if config.data.random_flip:
+        columns += ["latent_mean_flipped", "latent_std_flipped"]
+    if model.kind == "sdxl":
+        columns += list(SIZE_COLUMNS)
+    log.info("reading precomputed latents %s from %s", meta["latent_shape"], path)
+    if config.data.get("in_memory", False):
+        data = table.to_numpy()
+        return {c: data[c] for c in columns}
+    return {c: table[c] for c in columns}
 
 
 # --- The objective -------------------------------------------------------------------------------
@@ -322,10 +444,19 @@ def encode_captions(objective: Objective, frozen, input_ids, drop):
 def loss_with_draws(objective: Objective, params, frozen, batch, draws):
     """The weighted MSE of the U-Net's output to its target (eps / v / x0) -> (loss, aux)."""
     model = objective.model
-    x = batch["image"].astype(jnp.float32) / 127.5 - 1.0
-    x = jnp.where(draws["flip"][:, None, None, None], x[:, :, ::-1], x)
-    posterior = model.vae.apply(frozen["vae"], x, method=model.vae.encode)
-    latents = (posterior.mean + posterior.std * draws["posterior"]) * model.scaling_factor
+    flip = draws["flip"][:, None, None, None]
+    if "latent_mean" in batch:  # precomputed (encode_dataset): the same posterior, read
+        mean, std = batch["latent_mean"], batch["latent_std"]
+        if "latent_mean_flipped" in batch:
+            mean = jnp.where(flip, batch["latent_mean_flipped"], mean)
+            std = jnp.where(flip, batch["latent_std_flipped"], std)
+    else:
+        x = batch["image"].astype(jnp.float32) / 127.5 - 1.0
+        posterior = model.vae.apply(
+            frozen["vae"], jnp.where(flip, x[:, :, ::-1], x), method=model.vae.encode
+        )
+        mean, std = posterior.mean, posterior.std
+    latents = (mean + std * draws["posterior"]) * model.scaling_factor
     context, pooled = encode_captions(objective, frozen, batch["input_ids"], draws["drop"])
     latents, context, pooled = jax.lax.stop_gradient((latents, context, pooled))
     added = None
@@ -359,7 +490,7 @@ def make_loss_fn(objective: Objective):
     """loss_fn(params, frozen, batch, rng) -> (loss, aux), the signature loop.run takes."""
 
     def loss_fn(params, frozen, batch, rng):
-        draws = sample_draws(objective, rng, batch["image"].shape[0])
+        draws = sample_draws(objective, rng, batch["input_ids"][0].shape[0])
         return loss_with_draws(objective, params, frozen, batch, draws)
 
     return loss_fn
