@@ -19,12 +19,13 @@ checkpoints, metrics):
   flips and caption dropout are drawn afresh every epoch. The VAE runs in float32 whatever
   `config.compute_dtype` is (diffusers: "The VAE is in float32 to avoid NaN losses").
 - Or the VAE's work is done once (`encode_dataset`, `ldm-jax encode --config <this config>`,
-  read through `data.precomputed_latents_dir`): at 512 px the VAE encoder costs 1.08 TFLOP per
-  image against 2.00 for the SD1.5 U-Net's forward and backward pass (XLA's cost analysis), so
-  encoding in every step adds about half again. What is stored is the posterior (mean, std) of
-  each image and, with `data.random_flip`, of its mirror image, so each step still draws its own
-  posterior sample and flip: the loss is that of in-step encoding (tests/test_finetune.py).
-  Captions stay text; the frozen text encoders still run in the step (about 1% of its FLOPs).
+  read through `data.precomputed_latents_dir`). At 512 px the VAE encoder costs 1.08 TFLOP per
+  image against 2.01 for the rest of the SD1.5 step, mostly the U-Net's forward and backward
+  pass: in-step encoding has 1.54x the FLOPs (XLA's cost analysis, benchmarks/finetune_step.py;
+  the time it adds depends on the hardware, see benchmarks/README.md). What is stored is the
+  posterior (mean, std) of each image and, with `data.random_flip`, of its mirror image, so each
+  step still draws its own posterior sample and flip: the loss is that of in-step encoding
+  (tests/test_finetune.py). Captions stay text; the frozen text encoders still run in the step.
 - Captions are replaced by the unconditional input with probability `p_uncond`, so the model
   keeps the unconditional score that classifier-free guidance needs (Ho & Salimans 2022): the
   encoded empty prompt (the scripts' `--proportion_empty_prompts`), or zero embeddings for
