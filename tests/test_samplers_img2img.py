@@ -56,9 +56,10 @@ def _call(model, x, t):
     return torch.from_numpy(np.array(out))
 
 
-def diffusers_img2img(ref, model, x0, noise, steps, start, timesteps=None):
+def diffusers_img2img(ref, model, x0, noise, steps, start, timesteps=None, **step_kwargs):
     """diffusers' img2img loop (its pipelines' get_timesteps + add_noise + step loop); explicit
-    `timesteps` replace the truncated ones (the restarted references below)."""
+    `timesteps` replace the truncated ones (the restarted references below); `step_kwargs` go
+    to every `ref.step` (DDIM's eta)."""
     ref.set_timesteps(steps)
     begin = start * ref.order
     if timesteps is None:
@@ -67,7 +68,8 @@ def diffusers_img2img(ref, model, x0, noise, steps, start, timesteps=None):
         ref.set_begin_index(begin)
     x = ref.add_noise(torch.from_numpy(x0), torch.from_numpy(noise), timesteps[:1])
     for t in timesteps:
-        x = ref.step(_call(model, ref.scale_model_input(x, t), t), t, x).prev_sample
+        out = _call(model, ref.scale_model_input(x, t), t)
+        x = ref.step(out, t, x, **step_kwargs).prev_sample
     return x.numpy()
 
 
@@ -84,8 +86,11 @@ def ours(name, config, steps, start, x0, noise, options, rng=None):
     return np.asarray(run(jnp.asarray(x0), jnp.asarray(noise), rng))
 
 
+STEP_OPTIONS = ("eta",)  # arguments of diffusers' `step`, not of the scheduler's constructor
+
+
 def _reference(cls, config, options):
-    extra = {k: v for k, v in options.items() if k != "prediction_type"}
+    extra = {k: v for k, v in options.items() if k not in ("prediction_type", *STEP_OPTIONS)}
     prediction_type = options.get("prediction_type", "epsilon")
     return getattr(diffusers, cls)(**config, prediction_type=prediction_type, **extra)
 
@@ -140,7 +145,12 @@ def test_img2img_matches_diffusers(name, cls, steps, start, config, options):
 
 # Stochastic samplers: diffusers' randn_tensor replays our draws. Indices of our draws that
 # diffusers consumes, for N steps from step k: fold_in(rng, i) draws (k-diffusion / LCM), or one
-# key split per step run (`_vp.run_plan`).
+# key split per step run (`_vp.run_plan`, DDIM, DDPM) in the scheduler module SPLIT names.
+SPLIT = {
+    "dpm_solver_multistep": "scheduling_dpmsolver_multistep",
+    "ddim": "scheduling_ddim",
+    "ddpm": "scheduling_ddpm",
+}
 FOLD_IN = {
     "euler_ancestral": ("scheduling_euler_ancestral_discrete", lambda n, k: range(k, n)),
     "dpm2_ancestral": ("scheduling_k_dpm_2_ancestral_discrete", lambda n, k: range(2 * k + 1, 2 * n - 2, 2)),
@@ -158,6 +168,15 @@ FOLD_IN = {
             "dpm_solver_multistep", "DPMSolverMultistepScheduler", 10, 3,
             algorithm_type="sde-dpmsolver++",
         ),
+        case("ddim", "DDIMScheduler", 10, 3, eta=1.0, steps_offset=1, clip_sample=False),
+        case(
+            "ddim", "DDIMScheduler", 12, 5, eta=0.5, prediction_type="v_prediction",
+            set_alpha_to_one=False, clip_sample=False,
+        ),
+        # steps_offset=1: every kept t > 0, where DDPMScheduler draws (its last step's variance
+        # is clamped to 1e-20, ours is 0: a 1e-10 difference).
+        case("ddpm", "DDPMScheduler", 10, 4, steps_offset=1, clip_sample=False),
+        case("ddpm", "DDPMScheduler", 20, 12, LINEAR, steps_offset=1, clip_sample=False),
     ],
 )  # fmt: skip
 def test_stochastic_img2img_matches_diffusers_with_shared_noise(
@@ -170,7 +189,7 @@ def test_stochastic_img2img_matches_diffusers_with_shared_noise(
             jax.random.normal(jax.random.fold_in(key, i), (BATCH, 2)) for i in indices(steps, start)
         ]
     else:
-        module, draws, k = "scheduling_dpmsolver_multistep", [], key
+        module, draws, k = SPLIT[name], [], key
         for _ in range(steps - start):
             k, sub = jax.random.split(k)
             draws.append(jax.random.normal(sub, (BATCH, 2)))
@@ -179,7 +198,9 @@ def test_stochastic_img2img_matches_diffusers_with_shared_noise(
     monkeypatch.setattr(mod, "randn_tensor", lambda *a, **k: next(pending))
     x0, noise = _inputs(1)
     model = _model(tuple(config.items()), options.get("prediction_type", "epsilon"))
-    want = diffusers_img2img(_reference(cls, config, options), model, x0, noise, steps, start)
+    step_kwargs = {k: v for k, v in options.items() if k in STEP_OPTIONS}
+    ref = _reference(cls, config, options)
+    want = diffusers_img2img(ref, model, x0, noise, steps, start, **step_kwargs)
     assert next(pending, None) is None  # diffusers used exactly the draws we replayed
     got = ours(name, config, steps, start, x0, noise, options, key)
     np.testing.assert_allclose(got, want, atol=ATOL, rtol=0)  # fmt: skip
