@@ -9,13 +9,16 @@
 # Each part has its own time limit, so one slow part cannot use up the others' time, and a part
 # that fails is logged while the rest still run. Logs go to $OUT (the device tool's folder that
 # comes back), else to ./gpu_check_out; summary.txt lists every part's exit status and seconds.
-# GPU_CHECK_SMOKE=1 runs the same parts at tiny sizes on any backend, without the U-Net part
+# PARTS="name ..." picks parts (default: the four of issue 3; finetune_step, the fine-tuning
+# gradient with in-step VAE vs precomputed latents in bfloat16, is extra: about 2 minutes).
+# GPU_CHECK_SMOKE=1 runs the parts at tiny sizes on any backend, without the U-Net part
 # (tests/test_gpu_check.py runs it on the CPU so that this script keeps working).
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
 OUT=${OUT:-gpu_check_out}
 PYTHON=${PYTHON:-python3}
 SMOKE=${GPU_CHECK_SMOKE:-0}
+PARTS=${PARTS:-attention_self attention_cross unet_forward text_to_image}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false TF_CPP_MIN_LOG_LEVEL=2
 
@@ -32,6 +35,7 @@ TOKENIZER=.device/clip_tokenizer
 part() {  # part NAME SECONDS COMMAND...: run with a limit, log to $OUT/NAME.log
     local name=$1 limit=$2 start=$SECONDS rc
     shift 2
+    [ "$name" = environment ] || [[ " $PARTS " == *" $name "* ]] || return 0
     echo "=== $name (limit $limit s): $*"
     timeout -k 10 "$limit" "$@" 2>&1 | tee "$OUT/$name.log"
     rc=${PIPESTATUS[0]}
@@ -54,6 +58,7 @@ if [ "$SMOKE" = 1 ]; then
         --impls xla,auto,chunked:64x64 --repeats 2
     part text_to_image 300 "$PYTHON" benchmarks/text_to_image.py --tokenizer "$TOKENIZER" \
         --tiny --size 64 --steps 2 --dtypes float32 --repeats 1
+    part finetune_step 300 "$PYTHON" benchmarks/finetune_step.py --size 64 --cost-only
     exit 0
 fi
 
@@ -68,4 +73,6 @@ part unet_forward 220 "$PYTHON" benchmarks/unet_forward.py --repeats 5 --attenti
     --bf16-attention xla,cudnn
 part text_to_image 240 "$PYTHON" benchmarks/text_to_image.py --tokenizer "$TOKENIZER" \
     --size 512 --steps 20 --dtypes float32,bfloat16 --repeats 3
+part finetune_step 150 "$PYTHON" benchmarks/finetune_step.py --size 512 --dtype bfloat16 \
+    --repeats 5
 cat "$OUT/summary.txt"

