@@ -107,9 +107,7 @@ def encode(
     from ldm_jax.train import autoencoder as autoencoder_stage
     from ldm_jax.train.checkpointing import as_json
 
-    out_dir = pathlib.Path(out_dir)
-    if (out_dir / "meta.json").exists():
-        raise FileExistsError(f"{out_dir} already holds encoded latents; choose another --out")
+    out_dir = check_new_output(out_dir)
     run_config, vae_params = load_vae(workdir)
     want, have = autoencoder_stage.signature(config), autoencoder_stage.signature(run_config)
     if as_json(want) != as_json(have):
@@ -164,6 +162,20 @@ def encode(
     finish(out_dir, meta, out, keep_arrays=keep_arrays)
     log.info("wrote %d precomputed latents %s to %s", n, latent_shape, out_dir)
     return meta
+
+
+def check_new_output(out_dir) -> pathlib.Path:
+    """`out_dir` as a Path, if it is empty or absent; else an error (nothing there is touched:
+    TFDS would take a dataset left by an earlier, interrupted encode as already prepared)."""
+    out_dir = pathlib.Path(out_dir)
+    if (out_dir / "meta.json").exists():
+        raise FileExistsError(f"{out_dir} already holds encoded latents; choose another --out")
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise FileExistsError(
+            f"{out_dir} is not empty but holds no meta.json (an encode that did not finish?); "
+            "remove it or choose another --out"
+        )
+    return out_dir
 
 
 def padded_batches(images, batch_size: int):

@@ -259,9 +259,7 @@ def encode_dataset(config, out_dir, *, batch_size: int = 16, keep_arrays: bool =
     [-1, 1] as in the step), with `data.random_flip` also latent_mean_flipped, latent_std_flipped
     (of the mirror image), caption (text) and, for SDXL, original_size and crop_top_left.
     """
-    out_dir = pathlib.Path(out_dir)
-    if (out_dir / "meta.json").exists():
-        raise FileExistsError(f"{out_dir} already holds encoded latents; choose another --out")
+    out_dir = latents_lib.check_new_output(out_dir)
     model = load_model(config)
     data = load_dataset(config, "train")
     n, vae = len(data["image"]), model.vae
