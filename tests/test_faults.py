@@ -242,3 +242,52 @@ def test_retention_and_data_position(data_dir, tmp_path, capsys):
     assert (
         "would change the data order" in err and "global_batch_size: checkpoint 16 vs now 8" in err
     )
+
+
+def test_frozen_weights_left_out_of_checkpoints_come_back_checked(tmp_path):
+    """`loop.run(frozen_fingerprint=...)` (the finetune stage): checkpoints drop state.frozen and
+    record the fingerprint; a resume rebuilds frozen with init_fn, refuses another fingerprint,
+    and still reads a checkpoint written with the frozen weights inside (the earlier format)."""
+    config = load_config(SHAPES + ":autoencoder,smoke", ["checkpoint_every=1", "log_every=1"])
+    frozen = {"target": np.full((4,), 3.0, np.float32)}
+
+    def init_fn(frozen):
+        params = {"w": jnp.zeros((4,), jnp.float32)}
+        return loop.init_state(params, loop.make_optimizer(config.optimizer, 10), frozen)
+
+    def loss_fn(params, frozen, batch, rng):
+        del rng
+        return jnp.mean((params["w"] - frozen["target"]) ** 2) + 0 * batch["x"].sum(), {}
+
+    batches = StepIndexedBatches({"x": np.arange(8, dtype=np.float32)}, 8, 0)
+
+    def run(steps, fingerprint):
+        with config.unlocked():
+            config.num_train_steps = steps
+        return loop.run(
+            config,
+            tmp_path,
+            init_fn=init_fn,
+            init_args=(frozen,),
+            loss_fn=loss_fn,
+            batches=batches,
+            signature={"toy": 1},
+            frozen_fingerprint=fingerprint,
+        )
+
+    def saved(step):
+        checkpointer = Checkpointer(tmp_path, read_only=True)
+        return checkpointer.restore_raw(step), checkpointer.read_meta(step)
+
+    run(2, None)  # frozen weights inside, as every stage wrote them before
+    state, meta = saved(2)
+    np.testing.assert_array_equal(state["frozen"]["target"], frozen["target"])
+    assert "frozen_fingerprint" not in meta
+    run(3, "abc")  # resumes from that; saves step 3 without them
+    state, meta = saved(3)
+    assert not state.get("frozen") and meta["frozen_fingerprint"] == "abc"
+    last = run(4, "abc")  # rebuilt from init_args
+    np.testing.assert_array_equal(np.asarray(last.frozen["target"]), frozen["target"])
+    assert int(last.step) == 4
+    with pytest.raises(loop.CheckpointMismatchError, match="other frozen weights"):
+        run(5, "xyz")

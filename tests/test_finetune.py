@@ -9,6 +9,7 @@ train_text_to_image*.py scripts), on the same noise, timesteps, flips and droppe
 
 import json
 import logging
+import shutil
 import types
 
 import jax
@@ -21,7 +22,7 @@ from ldm_jax import cli
 from ldm_jax.config import load_config
 from ldm_jax.convert import load_pretrained
 from ldm_jax.train import finetune
-from ldm_jax.train.checkpointing import Checkpointer
+from ldm_jax.train.checkpointing import Checkpointer, params_fingerprint
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
@@ -135,9 +136,10 @@ def test_sd15_finetune_trains_only_the_unet_and_resumes(sd15_run, checkpoints):
     assert all(np.isfinite(r["loss"]) and np.isfinite(r["mse"]) for r in rows)
     assert all(r["skipped_updates"] == 0 for r in rows)
     original = load_pretrained(folder)
-    frozen = last["frozen"]
-    _assert_trees(frozen["vae"], original.vae_params, equal=True)
-    _assert_trees(frozen["text_encoders"]["text_encoder"], original.text_encoder_params[0], True)
+    # The frozen VAE and text encoder stay out of the checkpoints: their fingerprint is recorded.
+    assert not last.get("frozen")
+    meta = Checkpointer(workdir, read_only=True).read_meta(3)
+    assert meta["frozen_fingerprint"] == params_fingerprint(finetune.frozen_params(original))
     _assert_trees(last["params"], original.unet_params, equal=False)
     _assert_trees(last["ema_params"], original.unet_params, equal=False)
     assert (workdir / "samples" / "step_000003.png").exists()  # EMA U-Net through generate
@@ -150,7 +152,9 @@ def test_sd15_export_loads_in_ldm_jax_and_diffusers(sd15_run, checkpoints):
     ours = load_pretrained(export)
     assert ours.kind == "sd1"
     _assert_trees(ours.unet_params, last["ema_params"], equal=True)  # export_ema=True
-    _assert_trees(ours.vae_params, last["frozen"]["vae"], equal=True)
+    original = load_pretrained(checkpoints["sd15"][0])
+    _assert_trees(ours.vae_params, original.vae_params, equal=True)
+    _assert_trees(ours.text_encoder_params, original.text_encoder_params, equal=True)
     pipe = diffusers.StableDiffusionPipeline.from_pretrained(export)
     assert isinstance(pipe.unet, diffusers.UNet2DConditionModel)
     theirs = diffusers.UNet2DConditionModel.from_pretrained(export / "unet").eval()
@@ -169,6 +173,31 @@ def test_sd15_export_loads_in_ldm_jax_and_diffusers(sd15_run, checkpoints):
 
 
 @pytest.mark.slow
+def test_resume_and_export_refuse_a_changed_pretrained_checkpoint(
+    sd15_run, checkpoints, photos, tmp_path, capsys
+):
+    """The frozen weights come from config.pretrained again: if it changed, a resume and an
+    export of the run say so instead of training on (or exporting) other weights."""
+    from safetensors.numpy import load_file, save_file
+
+    workdir, folder = tmp_path / "run", tmp_path / "changed"
+    shutil.copytree(sd15_run[0], workdir)
+    shutil.copytree(checkpoints["sd15"][0], folder)
+    vae_file = folder / "vae" / "diffusion_pytorch_model.safetensors"
+    tensors = load_file(vae_file)
+    key = sorted(tensors)[0]
+    tensors[key] = tensors[key] + np.float32(1e-3)
+    save_file(tensors, vae_file, metadata={"format": "pt"})
+    assert cli.main(_train_args("sd15", workdir, folder, photos, "--config.num_train_steps=4")) == 2
+    assert "other frozen weights" in capsys.readouterr().err
+    assert Checkpointer(workdir, read_only=True).latest_step() == 3  # nothing was written
+    config = json.loads((workdir / "config.json").read_text())
+    (workdir / "config.json").write_text(json.dumps({**config, "pretrained": str(folder)}))
+    with pytest.raises(ValueError, match="no longer holds the VAE"):
+        finetune.export_checkpoint(workdir, tmp_path / "export")
+
+
+@pytest.mark.slow
 def test_sdxl_finetune_end_to_end(tmp_path, checkpoints, photos):
     folder, _ = checkpoints["sdxl"]
     workdir = tmp_path / "sdxl"
@@ -177,13 +206,13 @@ def test_sdxl_finetune_end_to_end(tmp_path, checkpoints, photos):
     assert all(np.isfinite(r["loss"]) for r in _metrics(workdir))
     original = load_pretrained(folder)
     state = Checkpointer(workdir, read_only=True).restore_raw(2)
-    for slot, params in zip(original.text_encoder_slots, original.text_encoder_params):
-        _assert_trees(state["frozen"]["text_encoders"][slot], params, equal=True)
-    _assert_trees(state["frozen"]["vae"], original.vae_params, equal=True)
+    assert not state.get("frozen")
     _assert_trees(state["params"], original.unet_params, equal=False)
     exported = load_pretrained(workdir / "export")
     assert exported.kind == "sdxl"
     _assert_trees(exported.unet_params, state["ema_params"], equal=True)
+    _assert_trees(exported.vae_params, original.vae_params, equal=True)
+    _assert_trees(exported.text_encoder_params, original.text_encoder_params, equal=True)
     pipe = diffusers.StableDiffusionXLPipeline.from_pretrained(workdir / "export")
     assert pipe.config.force_zeros_for_empty_prompt
     # The builder recorded each image's size and center-crop corner for SDXL's time ids.

@@ -22,7 +22,6 @@ and `load` refuses latents from another VAE or tokenizer than the config's.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import os
@@ -52,18 +51,6 @@ def latent_scale(latent_mean, latent_std, seed: int, max_examples: int = MAX_SCA
     mean, std = np.asarray(latent_mean[:n]), np.asarray(latent_std[:n])
     latents = mean + std * np.random.default_rng(seed).standard_normal(mean.shape)
     return np.float32(1.0 / latents.std())
-
-
-def vae_fingerprint(params) -> str:
-    """sha256 (16 hex digits) over the VAE parameters' paths, shapes, dtypes and bytes."""
-    digest = hashlib.sha256()
-    for path, leaf in sorted(
-        jax.tree_util.tree_flatten_with_path(params)[0], key=lambda kv: jax.tree_util.keystr(kv[0])
-    ):
-        value = np.asarray(leaf)
-        digest.update(f"{jax.tree_util.keystr(path)}{value.shape}{value.dtype}".encode())
-        digest.update(np.ascontiguousarray(value).tobytes())
-    return digest.hexdigest()[:16]
 
 
 def load_vae(workdir: str | os.PathLike):
@@ -105,7 +92,7 @@ def encode(
     from ldm_jax.data.tokenizers import get_tokenizer
     from ldm_jax.pipeline import build_autoencoder
     from ldm_jax.train import autoencoder as autoencoder_stage
-    from ldm_jax.train.checkpointing import as_json
+    from ldm_jax.train.checkpointing import as_json, params_fingerprint
 
     out_dir = check_new_output(out_dir)
     run_config, vae_params = load_vae(workdir)
@@ -155,7 +142,7 @@ def encode(
         },
         "autoencoder_signature": as_json(want),
         "tokenizer": config.tokenizer.to_dict(),
-        "vae_fingerprint": vae_fingerprint(vae_params),
+        "vae_fingerprint": params_fingerprint(vae_params),
         "vae_workdir": os.fspath(pathlib.Path(workdir).absolute()),
         "text": "caption token ids (the ldm stage trains its text encoder; no embeddings stored)",
     }
@@ -342,7 +329,7 @@ def load(config, vae_params, *, in_memory: bool | None = None):
     `RecordTable` whose columns are read on demand by example index.
     """
     from ldm_jax.train import autoencoder as autoencoder_stage
-    from ldm_jax.train.checkpointing import as_json
+    from ldm_jax.train.checkpointing import as_json, params_fingerprint
 
     meta, table = open_table(
         config.data.precomputed_latents_dir,
@@ -359,7 +346,7 @@ def load(config, vae_params, *, in_memory: bool | None = None):
             as_json(autoencoder_stage.signature(config)),
         ),
         "tokenizer": (meta["tokenizer"], config.tokenizer.to_dict()),
-        "VAE parameters": (meta["vae_fingerprint"], vae_fingerprint(vae_params)),
+        "VAE parameters": (meta["vae_fingerprint"], params_fingerprint(vae_params)),
     }
     for what, (stored, wanted) in checks.items():
         if as_json(stored) != as_json(wanted):

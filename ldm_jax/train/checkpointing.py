@@ -13,10 +13,12 @@ leaves only such a directory: `latest_step` never returns it, and the manager de
 
 from __future__ import annotations
 
+import hashlib
 import pathlib
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 
 # orbax's default jax.Array handler writes a replicated array "replica-parallel": every replica
@@ -70,6 +72,12 @@ class Checkpointer:
     def read_meta(self, step: int) -> dict:
         restored = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
         return restored["meta"]
+
+    def holds(self, step: int, key: str) -> bool:
+        """Whether the train state saved at `step` has a non-empty `key` (e.g. "frozen")."""
+        metadata = self.manager.item_metadata(step)["state"]
+        tree = getattr(metadata, "tree", metadata) or {}
+        return bool(tree.get(key))
 
     def restore(self, step: int, abstract_state, signature: dict):
         """Restore `state` at `step` into the shapes/shardings of `abstract_state`."""
@@ -194,6 +202,19 @@ def check_data_position(saved: dict | None, current: dict, directory, step: int)
             + "\n  ".join(diffs)
             + "\nUse a fresh --workdir, or the seed/batch size/dataset that wrote this checkpoint."
         )
+
+
+def params_fingerprint(params) -> str:
+    """sha256 (16 hex digits) over a parameter tree's paths, shapes, dtypes and bytes: which
+    weights these are (a VAE that encoded latents, the frozen part of a fine-tuning run)."""
+    digest = hashlib.sha256()
+    for path, leaf in sorted(
+        jax.tree_util.tree_flatten_with_path(params)[0], key=lambda kv: jax.tree_util.keystr(kv[0])
+    ):
+        value = np.asarray(leaf)
+        digest.update(f"{jax.tree_util.keystr(path)}{value.shape}{value.dtype}".encode())
+        digest.update(np.ascontiguousarray(value).tobytes())
+    return digest.hexdigest()[:16]
 
 
 def as_json(value):

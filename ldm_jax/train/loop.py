@@ -34,6 +34,7 @@ from ldm_jax import sharding as sharding_lib
 from ldm_jax.config import save_config
 from ldm_jax.train.checkpointing import (
     Checkpointer,
+    CheckpointMismatchError,
     abstract_like,
     check_data_position,
     data_position,
@@ -254,6 +255,7 @@ def run(
     batches,
     signature: dict,
     on_sample: Callable[[int, TrainState], pathlib.Path | None] | None = None,
+    frozen_fingerprint: str | None = None,
 ) -> TrainState:
     """The training loop: restore or init, then update / log / sample / checkpoint until done.
 
@@ -263,6 +265,11 @@ def run(
     batch of `step` (a dict of arrays, leading dimension = global batch / process count).
     Raises NonFiniteLossError after `config.max_consecutive_nonfinite` skipped updates in a row,
     and Preempted after a SIGTERM once the state of the current step boundary is saved.
+
+    frozen_fingerprint: when given, checkpoints leave `state.frozen` out (weights init_args
+    already hold, such as a fine-tuning run's pretrained VAE and text encoders) and record this
+    fingerprint of them (`checkpointing.params_fingerprint`) instead; a resume rebuilds them with
+    init_fn and refuses ones with another fingerprint.
     """
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -282,12 +289,28 @@ def run(
     )
     latest = checkpointer.latest_step()
     if latest is not None:
+        # A checkpoint holds the state less what init_args rebuild (see frozen_fingerprint);
+        # checkpoints written before frozen weights were left out still hold them.
+        holds_frozen = checkpointer.holds(latest, "frozen")
+        target, target_shardings = abstract, state_shardings
+        if not holds_frozen:
+            target, target_shardings = (t.replace(frozen=None) for t in (target, target_shardings))
         state, meta = checkpointer.restore(
-            latest, abstract_like(abstract, state_shardings), signature
+            latest, abstract_like(target, target_shardings), signature
         )
         check_data_position(
             meta.get("data"), data_position(batches, latest), checkpointer.directory, latest
         )
+        if not holds_frozen and frozen_fingerprint is not None:
+            if meta.get("frozen_fingerprint") != frozen_fingerprint:
+                raise CheckpointMismatchError(
+                    f"the checkpoint in {checkpointer.directory} (step {latest}) was trained "
+                    f"with other frozen weights (fingerprint {meta.get('frozen_fingerprint')}) "
+                    f"than this run's ({frozen_fingerprint}): the pretrained checkpoint changed "
+                    "since the run started; use the one it started from, or a fresh --workdir"
+                )
+            frozen = jax.jit(lambda *a: init_fn(*a).frozen, out_shardings=state_shardings.frozen)
+            state = state.replace(frozen=frozen(*init_args))
         log.info("resumed from %s at step %d", checkpointer.directory, latest)
     else:
         state = jax.jit(init_fn, out_shardings=state_shardings)(*init_args)
@@ -316,6 +339,9 @@ def run(
                 "stage": config.stage,
                 "data": data_position(batches, step),
             }
+            if frozen_fingerprint is not None:
+                meta["frozen_fingerprint"] = frozen_fingerprint
+                state = state.replace(frozen=None)
             checkpointer.save(step, state, meta, force=True)
             last_saved = step
 
