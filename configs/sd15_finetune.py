@@ -68,6 +68,9 @@ def get_config(arg=None):
 
     c.data = data_config("image_caption", image_size=512, in_memory=False)
     c.data.random_flip = True  # horizontal flips, drawn per example and step
+    # False: center crops (prepared once); True: a random image_size crop of each image (stored
+    # resized, uncropped) every step, the diffusers scripts' default without --center_crop.
+    c.data.random_crop = False
     # Sharding as in configs/shapes.py: e.g. FSDP --config.mesh.data=2 --config.mesh.fsdp=4.
     c.mesh = shared.mesh.to_dict()
     c.dcn_mesh = shared.dcn_mesh.to_dict()

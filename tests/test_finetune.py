@@ -201,8 +201,9 @@ def test_resume_and_export_refuse_a_changed_pretrained_checkpoint(
 def test_sdxl_finetune_end_to_end(tmp_path, checkpoints, photos):
     folder, _ = checkpoints["sdxl"]
     workdir = tmp_path / "sdxl"
+    # With random crops (center crops: the sd15 run; the SDXL loss test against diffusers).
     args = _train_args("sdxl", workdir, folder, photos, "--config.num_train_steps=2")
-    assert cli.main(args + ["--config.sample.prompts=()"]) == 0
+    assert cli.main(args + ["--config.sample.prompts=()", "--config.data.random_crop=True"]) == 0
     assert all(np.isfinite(r["loss"]) for r in _metrics(workdir))
     original = load_pretrained(folder)
     state = Checkpointer(workdir, read_only=True).restore_raw(2)
@@ -481,6 +482,13 @@ def test_precomputed_latents_that_do_not_fit_are_refused(
         batches(sd15_folder, unflipped, "data.random_flip=False")
     with pytest.raises(FileNotFoundError, match="ldm-jax encode --config"):
         batches(sd15_folder, tmp_path / "nothing")
+    with pytest.raises(ValueError, match="cannot be precomputed"):
+        batches(sd15_folder, sd15_latents, "data.random_crop=True")
+    args = _encode_args(
+        "sd15", sd15_folder, photos, tmp_path / "y", "--config.data.random_crop=True"
+    )
+    assert cli.main(args) == 2
+    assert "no one latent per image" in capsys.readouterr().err
     # The CLI: --workdir does not apply, and an existing output is not overwritten.
     assert cli.main(_encode_args("sd15", sd15_folder, photos, sd15_latents)) == 2
     assert "already holds encoded latents" in capsys.readouterr().err
@@ -492,3 +500,78 @@ def test_precomputed_latents_that_do_not_fit_are_refused(
     assert cli.main(_encode_args("sd15", sd15_folder, photos, tmp_path / "partial")) == 2
     assert "holds no meta.json" in capsys.readouterr().err
     assert (tmp_path / "partial" / "tfds").is_dir()
+
+
+# --- Random crops (`data.random_crop`). ---
+
+
+def test_random_crops_are_a_function_of_seed_step_and_example():
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, shape + (3,), dtype=np.uint8) for shape in PHOTOS[:4]]
+    indices = np.array([5, 1, 7, 2])
+    crops, corners, widths = finetune.random_crops(images, SIZE, 0, 3, indices)
+    assert crops.shape == (4, SIZE, SIZE, 3) and corners.dtype == np.int32
+    for image, crop, (top, left), width in zip(images, crops, corners, widths):
+        h, w = image.shape[:2]
+        assert 0 <= top <= h - SIZE and 0 <= left <= w - SIZE and width == w
+        np.testing.assert_array_equal(crop, image[top : top + SIZE, left : left + SIZE])
+    again = finetune.random_crops(images, SIZE, 0, 3, indices)
+    np.testing.assert_array_equal(again[1], corners)  # the same (seed, step, example)
+    # Example 2 alone (another process's share of the batch) gets the same crop.
+    alone = finetune.random_crops(images[3:], SIZE, 0, 3, indices[3:])
+    np.testing.assert_array_equal(alone[1][0], corners[3])
+    later = [finetune.random_crops(images, SIZE, 0, s, indices)[1] for s in range(4, 12)]
+    assert any(not np.array_equal(c, corners) for c in later)  # steps crop differently
+    with pytest.raises(ValueError, match="no 16x16 crop"):
+        finetune.random_crops([np.zeros((12, 30, 3), np.uint8)], SIZE, 0, 0, [0])
+
+
+def test_sdxl_random_crop_batches_carry_each_crop_and_its_mirror(checkpoints, photos):
+    folder, _ = checkpoints["sdxl"]
+    root, data_dir = photos
+    overrides = [
+        f"pretrained={folder}",
+        f"data.path={root}",
+        f"data.data_dir={data_dir}",
+        "data.random_crop=True",
+    ]
+    config = load_config(f"{CONFIGS['sdxl']}:smoke", overrides)
+    model = finetune.load_model(config)
+    from ldm_jax.data.image_caption import center_crop_box
+    from ldm_jax.data.pipeline import load_dataset
+
+    stored = load_dataset(config, "train", crop="none")  # resized, shorter side 16, uncropped
+    for image, (h, w) in zip(stored["image"], PHOTOS):
+        assert image.shape[:2] == center_crop_box(h, w, SIZE)[:2]
+    batches = finetune.make_batches(config, model)
+    step = 2
+    batch, indices = batches[step], batches.examples.indices(step)
+    assert batch["image"].shape == (len(PHOTOS), SIZE, SIZE, 3)
+    for i, crop, (top, left), (mtop, mleft), size in zip(
+        indices,
+        batch["image"],
+        batch["crop_top_left"],
+        batch["crop_top_left_flipped"],
+        batch["original_size"],
+    ):
+        full = stored["image"][int(i)]
+        assert tuple(size) == PHOTOS[int(i)]
+        np.testing.assert_array_equal(crop, full[top : top + SIZE, left : left + SIZE])
+        # The mirrored crop sits at the mirrored corner of the mirrored image.
+        assert mtop == top
+        mirror = full[:, ::-1]
+        np.testing.assert_array_equal(crop[:, ::-1], mirror[top : top + SIZE, mleft : mleft + SIZE])
+    # The step's time ids use the mirrored corner for flipped examples.
+    objective = finetune.make_objective(config, model)
+    frozen = finetune.frozen_params(model)
+    n = len(PHOTOS)
+    draws = finetune.sample_draws(objective, jax.random.key(0), n)
+    step_fn = jax.jit(
+        lambda b, d: finetune.loss_with_draws(objective, model.unet_params, frozen, b, d)
+    )
+    flipped = {**draws, "flip": np.ones(n, bool)}
+    loss = float(step_fn(batch, flipped)[0])
+    same_corner = {**batch, "crop_top_left_flipped": batch["crop_top_left"]}
+    moved = np.any(batch["crop_top_left_flipped"] != batch["crop_top_left"])
+    assert np.isfinite(loss) and moved
+    assert float(step_fn(same_corner, flipped)[0]) != loss

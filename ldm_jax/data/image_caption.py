@@ -9,9 +9,10 @@ Two source layouts (`path` below):
 
 Every image is decoded with PIL (EXIF rotation applied, converted to RGB), resized so its shorter
 side is `resolution` and center-cropped to `resolution` x `resolution` -- the `Resize` +
-`CenterCrop` of diffusers' `examples/text_to_image/train_text_to_image.py`; each example also keeps
-the source's (height, width) and the crop's top-left corner (`original_size`, `crop_top_left`:
-SDXL's micro-conditioning). Images that cannot be read or decoded, and images without a caption,
+`CenterCrop` of diffusers' `examples/text_to_image/train_text_to_image.py`. With `crop="none"`
+images are only resized, for a trainer that cuts a random crop every step. Each example also
+keeps the source's (height, width) and the crop's top-left corner (`original_size`,
+`crop_top_left`: SDXL's micro-conditioning). Images that cannot be read or decoded, and images without a caption,
 are skipped and counted: the counts (and the first few file names) are in the prepared dataset's
 `info.metadata["skipped"]`, and a warning with the count is logged when preparing and when
 loading.
@@ -50,27 +51,29 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".
 IMAGE_COLUMNS = ("image", "image_path", "file_name", "filename", "path", "file")
 CAPTION_COLUMNS = ("caption", "text", "prompt")
 MAX_LISTED_SKIPPED = 20  # file names kept in the metadata; the counts are always complete
+CROPS = ("center", "none")
 
 
-def resize_and_center_crop(image: np.ndarray, size: int) -> np.ndarray:
+def resize_and_center_crop(image: np.ndarray, size: int, crop: bool = True) -> np.ndarray:
     """uint8[H, W, 3] -> uint8[size, size, 3]: shorter side to `size` (bilinear), center crop.
 
     Matches torchvision's `Resize(size)` + `CenterCrop(size)` on PIL images (the preprocessing
     of diffusers' text-to-image fine-tuning example): the longer side becomes
     `int(size * long / short)`, and the crop's top-left corner is `round((H - size) / 2)`.
+    crop=False: the resized image, uint8[new_h, new_w, 3] (random crops are cut per step).
     """
     from PIL import Image
 
     if image.ndim != 3 or image.shape[-1] != 3:
         raise ValueError(f"expected an image of shape [H, W, 3], got {image.shape}")
     h, w = image.shape[:2]
-    if (h, w) == (size, size):
-        return np.asarray(image, np.uint8)
     new_h, new_w, top, left = center_crop_box(h, w, size)
     pil = Image.fromarray(np.asarray(image, np.uint8))
     if (new_h, new_w) != (h, w):
         pil = pil.resize((new_w, new_h), Image.BILINEAR)
-    return np.asarray(pil.crop((left, top, left + size, top + size)), np.uint8)
+    if crop and (new_h, new_w) != (size, size):
+        pil = pil.crop((left, top, left + size, top + size))
+    return np.asarray(pil, np.uint8)
 
 
 def center_crop_box(h: int, w: int, size: int) -> tuple[int, int, int, int]:
@@ -86,20 +89,24 @@ def center_crop_box(h: int, w: int, size: int) -> tuple[int, int, int, int]:
     return new_h, new_w, int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0))
 
 
-def read_image(path: str | os.PathLike, size: int) -> np.ndarray:
-    """An image file -> uint8[size, size, 3]; raises OSError/ValueError if it cannot be read."""
-    return read_image_and_size(path, size)[0]
+def read_image(path: str | os.PathLike, size: int, crop: bool = True) -> np.ndarray:
+    """An image file -> uint8[size, size, 3] (crop=False: shorter side `size`); raises
+    OSError/ValueError if it cannot be read."""
+    return read_image_and_size(path, size, crop)[0]
 
 
-def read_image_and_size(path: str | os.PathLike, size: int) -> tuple[np.ndarray, tuple[int, int]]:
-    """An image file -> (uint8[size, size, 3], its (height, width) before resizing)."""
+def read_image_and_size(
+    path: str | os.PathLike, size: int, crop: bool = True
+) -> tuple[np.ndarray, tuple[int, int]]:
+    """An image file -> (uint8[size, size, 3], its (height, width) before resizing); crop=False
+    leaves the resized image uncropped."""
     from PIL import Image, ImageOps
 
     with Image.open(path) as pil:
         pil.load()  # decode now: a truncated or corrupt file raises here, not later
         pil = ImageOps.exif_transpose(pil).convert("RGB")  # as diffusers: .convert("RGB")
         pixels = np.asarray(pil)
-        return resize_and_center_crop(pixels, size), pixels.shape[:2]
+        return resize_and_center_crop(pixels, size, crop), pixels.shape[:2]
 
 
 @dataclasses.dataclass
@@ -110,6 +117,9 @@ class ImageCaptionConfig(tfds.core.BuilderConfig):
     resolution: int = 256
     image_column: str = ""
     caption_column: str = ""
+    # "center": stored center-cropped to resolution x resolution; "none": stored resized (shorter
+    # side = resolution) and uncropped, for trainers that cut a random crop every step.
+    crop: str = "center"
 
 
 def _table_rows(path: pathlib.Path, image_column: str, caption_column: str):
@@ -188,15 +198,17 @@ class ImageCaption(tfds.core.GeneratorBasedBuilder):
 
     def _info(self) -> tfds.core.DatasetInfo:
         size = self.builder_config.resolution
+        shape = (size, size, 3) if self.builder_config.crop == "center" else (None, None, 3)
         return self.dataset_info_from_configs(
             description=__doc__,
             features=tfds.features.FeaturesDict(
                 {
-                    "image": tfds.features.Image(shape=(size, size, 3)),
+                    "image": tfds.features.Image(shape=shape),
                     "caption": tfds.features.Text(),
                     "file_name": tfds.features.Text(),  # relative to the source folder/table
                     # (height, width) of the source image, and the (top, left) corner of the
-                    # center crop in the resized image: SDXL's size and crop conditioning.
+                    # center crop in the resized image: SDXL's size and crop conditioning
+                    # ((0, 0) for uncropped images: the trainer's random crop sets it).
                     "original_size": tfds.features.Tensor(shape=(2,), dtype=np.int32),
                     "crop_top_left": tfds.features.Tensor(shape=(2,), dtype=np.int32),
                 }
@@ -235,14 +247,15 @@ class ImageCaption(tfds.core.GeneratorBasedBuilder):
                     skipped["files"].append(f"{name}: no caption")
                 continue
             try:
-                image, (h, w) = read_image_and_size(image_path, config.resolution)
+                center = config.crop == "center"
+                image, (h, w) = read_image_and_size(image_path, config.resolution, center)
             except (OSError, ValueError, SyntaxError) as e:  # PIL's errors for bad files
                 skipped["unreadable"] += 1
                 if len(skipped["files"]) < MAX_LISTED_SKIPPED:
                     skipped["files"].append(f"{name}: {type(e).__name__}: {e}")
                 continue
             kept += 1
-            top, left = center_crop_box(h, w, config.resolution)[2:]
+            top, left = center_crop_box(h, w, config.resolution)[2:] if center else (0, 0)
             example = {
                 "image": image,
                 "caption": str(caption).strip(),
@@ -283,17 +296,24 @@ def make_builder(
     data_dir: str | os.PathLike,
     image_column: str = "",
     caption_column: str = "",
+    crop: str = "center",
 ) -> ImageCaption:
-    """The builder of `path` at `resolution`, in `data_dir/image_caption/<config name>/`."""
+    """The builder of `path` at `resolution`, in `data_dir/image_caption/<config name>/`;
+    crop "center" (images resolution x resolution) or "none" (shorter side resolution)."""
     if resolution < 1:
         raise ValueError(f"resolution must be a positive number of pixels, got {resolution}")
+    if crop not in CROPS:
+        raise ValueError(f"unknown crop {crop!r}; valid: {', '.join(CROPS)}")
+    fp = fingerprint(path, image_column, caption_column)
     config = ImageCaptionConfig(
-        name=f"{resolution}px-{fingerprint(path, image_column, caption_column)}",
-        description=f"{pathlib.Path(path).expanduser().resolve()} at {resolution}x{resolution}",
+        name=f"{resolution}px-{fp}" if crop == "center" else f"{resolution}px-uncropped-{fp}",
+        description=f"{pathlib.Path(path).expanduser().resolve()} at {resolution}x{resolution}"
+        + ("" if crop == "center" else " (shorter side, uncropped)"),
         path=os.fspath(pathlib.Path(path).expanduser().resolve()),
         resolution=resolution,
         image_column=image_column,
         caption_column=caption_column,
+        crop=crop,
     )
     logging.getLogger("absl").setLevel(logging.ERROR)  # "Using custom data configuration"
     return ImageCaption(config=config, data_dir=os.path.expanduser(os.fspath(data_dir)))

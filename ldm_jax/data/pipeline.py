@@ -189,8 +189,14 @@ class Column(collections.abc.Sequence):
 
 
 def _stack(values: list) -> np.ndarray:
-    if values and isinstance(values[0], str):
-        return np.array(values, dtype=object)
+    """One array of the rows; an object array of them when they are strings or differ in shape
+    (uncropped images)."""
+    if values and (
+        isinstance(values[0], str) or any(np.shape(v) != np.shape(values[0]) for v in values)
+    ):
+        out = np.empty(len(values), dtype=object)
+        out[:] = values
+        return out
     return np.stack(values) if values else np.zeros((0,))
 
 
@@ -198,11 +204,12 @@ def _text(value) -> str:
     return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
 
-def decode_image(data: bytes, size: int) -> np.ndarray:
-    """Encoded image bytes (PNG/JPEG) -> uint8[size, size, 3], resized and center-cropped."""
+def decode_image(data: bytes, size: int, crop: bool = True) -> np.ndarray:
+    """Encoded image bytes (PNG/JPEG) -> uint8[size, size, 3], resized and center-cropped
+    (crop=False: resized to shorter side `size`, uncropped)."""
     from ldm_jax.data import image_caption
 
-    return image_caption.read_image(io.BytesIO(data), size)
+    return image_caption.read_image(io.BytesIO(data), size, crop)
 
 
 def class_caption(template: str, name: str) -> str:
@@ -222,8 +229,9 @@ def imagenet_class_names() -> list[str]:
     return names
 
 
-def _converter(name: str, size: int, template: str):
-    """convert(example, columns) for one TFDS dataset: image uint8[size,size,3], caption str."""
+def _converter(name: str, size: int, template: str, crop: str = "center"):
+    """convert(example, columns) for one TFDS dataset: image uint8[size,size,3] (crop "none":
+    uint8[h, w, 3] with shorter side `size`), caption str."""
     if name == "cifar10":
         names = list(CIFAR10_CLASSES)
     elif name == "imagenet2012":
@@ -234,7 +242,7 @@ def _converter(name: str, size: int, template: str):
     def convert(example, columns):
         out = {}
         if "image" in columns:
-            out["image"] = decode_image(example["image"], size)
+            out["image"] = decode_image(example["image"], size, crop == "center")
         if "caption" in columns:
             if names is not None:
                 out["caption"] = class_caption(template, names[int(example["label"])])
@@ -256,7 +264,7 @@ def _converter(name: str, size: int, template: str):
     return convert, columns
 
 
-def _tfds_source(config, split: str):
+def _tfds_source(config, split: str, crop: str = "center"):
     """(builder, data source of `split`) for a dataset stored in array_record format."""
     import tensorflow_datasets as tfds
 
@@ -272,7 +280,7 @@ def _tfds_source(config, split: str):
                 "captions, or at a .csv / .parquet of image paths and captions"
             )
         builder = image_caption.make_builder(
-            data.path, resolution=data.image_size, data_dir=data_dir
+            data.path, resolution=data.image_size, data_dir=data_dir, crop=crop
         )
         image_caption.prepare(builder)
     else:
@@ -327,8 +335,11 @@ def data_config(name: str, image_size: int, **fields) -> dict:
     return {**defaults, **fields}
 
 
-def load_dataset(config, split: str = "train"):
+def load_dataset(config, split: str = "train", *, crop: str = "center"):
     """The split named by `config.data`: images uint8[N, H, W, 3] and captions (object[N] str).
+
+    crop="none" (image_caption only): images resized to shorter side `image_size`, uncropped
+    (an object array of uint8[h, w, 3] in memory), for a trainer that crops every step.
 
     Returns a dict of numpy arrays (shapes, or `config.data.in_memory`), or a `RecordTable` whose
     columns are read on demand; both have keys "image", "caption" (+ "label" for class data;
@@ -340,6 +351,10 @@ def load_dataset(config, split: str = "train"):
         raise ValueError(f"unknown dataset {data.name!r}; known: {', '.join(DATASETS)}")
     if split not in ("train", "test"):
         raise ValueError(f"unknown split {split!r}; valid: train, test")
+    if crop != "center" and data.name != "image_caption":
+        raise ValueError(
+            f"uncropped images (random crops) need the image_caption dataset, not {data.name}"
+        )
     if data.name == "shapes":
         from ldm_jax.data import shapes_tfds  # imports tensorflow: only when data is needed
 
@@ -348,9 +363,9 @@ def load_dataset(config, split: str = "train"):
             data_dir=os.path.expanduser(data.data_dir),
             config_name=data.config_name,
         )
-    _, source = _tfds_source(config, SPLITS[data.name][split])
+    _, source = _tfds_source(config, SPLITS[data.name][split], crop)
     template = data.get("caption_template") or DEFAULT_CAPTION_TEMPLATE
-    convert, columns = _converter(data.name, data.image_size, template)
+    convert, columns = _converter(data.name, data.image_size, template, crop)
     table = RecordTable(source, convert, columns)
     if data.get("in_memory", True):
         return table.to_numpy()

@@ -39,12 +39,17 @@ checkpoints, metrics):
   top-left, target size; Podell et al. 2023, Sec. 2.2) of every example, as
   `train_text_to_image_sdxl.py` computes them for center crops. A flip leaves the crop corner as
   it is: the mirror image of a centered crop is centered (to within the rounding of one pixel).
+- `data.random_crop`: the images are stored resized and uncropped, and every step cuts a random
+  `image_size` crop of each (torchvision's RandomCrop, the scripts' default without
+  `--center_crop`), drawn from (seed, step, example) like everything else. SDXL's crop corner is
+  then the crop's, and a flipped example gets the mirrored crop's corner (top, W - left - size).
 - Options: Min-SNR-gamma loss weights (Hang et al. 2023; `loss_weighting="min_snr"`) and offset
   noise (Guttenberg 2023, "Diffusion with Offset Noise"; `noise_offset`, 0.1 in his post).
 
 Where this differs from the diffusers scripts, on purpose: SDXL's dropped captions are zeros by
 default (the script encodes "": `--config.uncond=empty_prompt` does that); a flipped example keeps
-its crop corner (the script sets x1 = width - x1, which is not the mirrored crop's corner);
+its center crop's corner, or gets the mirrored random crop's (the script sets x1 = width - x1,
+which is neither);
 Min-SNR for v-prediction weighs by min(SNR, gamma) / (SNR + 1), Hang et al.'s weight, where the
 script uses min(SNR + 1, gamma) / (SNR + 1).
 
@@ -195,13 +200,35 @@ def token_ids(tokenizer, texts) -> np.ndarray:
     )
 
 
+def random_crops(images, size: int, seed: int, step: int, indices) -> tuple:
+    """torchvision's `RandomCrop(size)` of each image: (uint8[B, size, size, 3], corners
+    int32[B, 2] (top, left), resized widths int32[B]). images: B arrays uint8[h, w, 3] with
+    h, w >= size. The corner of example i is drawn from `default_rng([seed, step, i])`, so a
+    batch is a function of (seed, step) (a resumed run crops as an uninterrupted one) and of
+    the example, not of how many processes share the batch."""
+    crops, corners, widths = [], [], []
+    for image, index in zip(images, np.asarray(indices).reshape(-1), strict=True):
+        h, w = image.shape[:2]
+        if min(h, w) < size:
+            raise ValueError(f"an image of {h}x{w} pixels has no {size}x{size} crop")
+        rng = np.random.default_rng([seed, step, int(index)])
+        top, left = int(rng.integers(0, h - size + 1)), int(rng.integers(0, w - size + 1))
+        crops.append(image[top : top + size, left : left + size])
+        corners.append((top, left))
+        widths.append(w)
+    return np.stack(crops), np.asarray(corners, np.int32), np.asarray(widths, np.int32)
+
+
 class CaptionBatches:
     """batches[step] -> the examples of `step` (StepIndexedBatches) with captions as token ids:
     {"image": uint8[B, H, W, 3], "input_ids": (int32[B, L], ...) one per tokenizer, and for SDXL
-    "original_size", "crop_top_left": int32[B, 2]}."""
+    "original_size", "crop_top_left": int32[B, 2]}. With `crop_size`, images are uncropped and
+    each is cut to a random crop (`random_crops`); SDXL's batches then also carry
+    "crop_top_left_flipped", the corner of the same crop in the mirrored image."""
 
-    def __init__(self, examples: StepIndexedBatches, tokenizers):
+    def __init__(self, examples: StepIndexedBatches, tokenizers, crop_size: int | None = None):
         self.examples, self.tokenizers = examples, tuple(tokenizers)
+        self.crop_size = crop_size
         # What checkpoints record as the data position (checkpointing.data_position).
         self.seed = examples.seed
         self.global_batch_size = examples.global_batch_size
@@ -211,22 +238,38 @@ class CaptionBatches:
         batch = dict(self.examples[step])
         captions = batch.pop("caption")
         batch["input_ids"] = tuple(token_ids(t, captions) for t in self.tokenizers)
+        if self.crop_size:
+            size, indices = self.crop_size, self.examples.indices(step)
+            batch["image"], corners, widths = random_crops(
+                batch["image"], size, self.seed, step, indices
+            )
+            if "crop_top_left" in batch:
+                batch["crop_top_left"] = corners
+                mirrored = np.stack([corners[:, 0], widths - corners[:, 1] - size], axis=1)
+                batch["crop_top_left_flipped"] = mirrored.astype(np.int32)
         return batch
 
 
 def make_batches(config, model) -> CaptionBatches:
     """The training examples by step: images (or their precomputed posteriors), captions, and
     for SDXL the size conditioning."""
+    random_crop = bool(config.data.get("random_crop", False))
     if config.data.get("precomputed_latents_dir"):
+        if random_crop:
+            raise ValueError(
+                "data.random_crop cuts a new crop every step, so its latents cannot be "
+                "precomputed: leave data.precomputed_latents_dir empty, or data.random_crop False"
+            )
         arrays = precomputed_arrays(config, model)
     else:
-        data = load_dataset(config, "train")
+        data = load_dataset(config, "train", crop="none" if random_crop else "center")
         arrays = {"image": data["image"], "caption": data["caption"]}
         if model.kind == "sdxl":
             arrays.update(size_conditioning(config, data))
     examples = StepIndexedBatches(arrays, config.batch_size, config.seed)
     log.info("%s: %d examples", config.data.name, examples.num_examples)
-    return CaptionBatches(examples, model.get_tokenizers())
+    crop_size = config.data.image_size if random_crop else None
+    return CaptionBatches(examples, model.get_tokenizers(), crop_size)
 
 
 def size_conditioning(config, data) -> dict:
@@ -261,6 +304,11 @@ def encode_dataset(config, out_dir, *, batch_size: int = 16, keep_arrays: bool =
     [-1, 1] as in the step), with `data.random_flip` also latent_mean_flipped, latent_std_flipped
     (of the mirror image), caption (text) and, for SDXL, original_size and crop_top_left.
     """
+    if config.data.get("random_crop", False):
+        raise ValueError(
+            "data.random_crop cuts a new crop every step: there is no one latent per image to "
+            "store; encode with data.random_crop=False (center crops)"
+        )
     out_dir = latents_lib.check_new_output(out_dir)
     model = load_model(config)
     data = load_dataset(config, "train")
@@ -466,9 +514,10 @@ def loss_with_draws(objective: Objective, params, frozen, batch, draws):
     added = None
     if pooled is not None:  # SDXL: diffusers' `compute_time_ids` with target = the crop size
         target_size = jnp.full_like(batch["original_size"], objective.image_size)
-        time_ids = jnp.concatenate(
-            [batch["original_size"], batch["crop_top_left"], target_size], axis=-1
-        )
+        crop = batch["crop_top_left"]
+        if "crop_top_left_flipped" in batch:  # a random crop, mirrored, has its own corner
+            crop = jnp.where(draws["flip"][:, None], batch["crop_top_left_flipped"], crop)
+        time_ids = jnp.concatenate([batch["original_size"], crop, target_size], axis=-1)
         added = {"text_embeds": pooled, "time_ids": time_ids.astype(jnp.float32)}
     noise = draws["noise"] + objective.noise_offset * draws["offset"]
     t = draws["t"]
