@@ -21,6 +21,7 @@ from conftest import REPO
 from ldm_jax import cli
 from ldm_jax.config import load_config
 from ldm_jax.convert import load_pretrained
+from ldm_jax.data import caption_batches
 from ldm_jax.train import finetune
 from ldm_jax.train.checkpointing import Checkpointer, params_fingerprint
 
@@ -91,6 +92,13 @@ def _cli_args(command, name, checkpoint, photos, *extra):
 
 def _train_args(name, workdir, checkpoint, photos, *extra):
     return _cli_args("train", name, checkpoint, photos, "--workdir", str(workdir), *extra)
+
+
+def _config(name, checkpoint, photos, *overrides):
+    """The smoke config of `name` on this checkpoint and photos, with more overrides."""
+    root, data_dir = photos
+    paths = [f"pretrained={checkpoint}", f"data.path={root}", f"data.data_dir={data_dir}"]
+    return load_config(f"{CONFIGS[name]}:smoke", [*paths, *overrides])
 
 
 def _metrics(workdir):
@@ -219,7 +227,7 @@ def test_sdxl_finetune_end_to_end(tmp_path, checkpoints, photos):
     # The builder recorded each image's size and center-crop corner for SDXL's time ids.
     config = load_config(f"{CONFIGS['sdxl']}:smoke", [f"pretrained={folder}"])
     config.data.update(path=str(photos[0]), data_dir=str(photos[1]))
-    batches = finetune.make_batches(config, original)
+    batches = caption_batches.make_batches(config, original)
     batch, idx = batches[0], batches.examples.indices(0)
     for size, crop, i in zip(batch["original_size"], batch["crop_top_left"], idx):
         h, w = PHOTOS[int(i)]  # files sort as 0.png .. 7.png
@@ -331,7 +339,7 @@ def test_loss_matches_diffusers_training_step(checkpoints, name, prediction_type
     captions = ["a red circle", "a photo of a dog", "x", "a very long caption " * 20]
     batch = {
         "image": rng.integers(0, 256, (n, SIZE, SIZE, 3), dtype=np.uint8),
-        "input_ids": tuple(finetune.token_ids(t, captions) for t in model.get_tokenizers()),
+        "input_ids": tuple(caption_batches.token_ids(t, captions) for t in model.get_tokenizers()),
         "original_size": np.array([[40, 56], [16, 16], [16, 30], [64, 32]], np.int32),
         "crop_top_left": np.array([[3, 0], [0, 0], [0, 7], [8, 0]], np.int32),
     }
@@ -377,7 +385,6 @@ def sd15_latents(tmp_path_factory, checkpoints, photos):
 
 def test_precomputed_latents_give_the_loss_of_in_step_encoding(checkpoints, photos, sd15_latents):
     folder, _ = checkpoints["sd15"]
-    root, data_dir = photos
     meta = json.loads((sd15_latents / "meta.json").read_text())
     assert meta["stage"] == "finetune" and meta["num_examples"] == len(PHOTOS)
     assert set(meta["columns"]) == {
@@ -387,15 +394,12 @@ def test_precomputed_latents_give_the_loss_of_in_step_encoding(checkpoints, phot
         "latent_std_flipped",
         "caption",
     }
-    overrides = [f"pretrained={folder}", f"data.path={root}", f"data.data_dir={data_dir}"]
-    config = load_config(f"{CONFIGS['sd15']}:smoke", overrides)
-    pre_config = load_config(
-        f"{CONFIGS['sd15']}:smoke", [*overrides, f"data.precomputed_latents_dir={sd15_latents}"]
-    )
+    config = _config("sd15", folder, photos)
+    pre_config = _config("sd15", folder, photos, f"data.precomputed_latents_dir={sd15_latents}")
     model = finetune.load_model(config)
     objective = finetune.make_objective(config, model)
-    images = finetune.make_batches(config, model)[1]
-    latents = finetune.make_batches(pre_config, model)[1]
+    images = caption_batches.make_batches(config, model)[1]
+    latents = caption_batches.make_batches(pre_config, model)[1]
     assert "image" not in latents and "latent_mean_flipped" in latents
     for a, b in zip(images["input_ids"], latents["input_ids"], strict=True):
         np.testing.assert_array_equal(a, b)  # the same examples, the same captions
@@ -442,22 +446,12 @@ def test_finetune_on_precomputed_latents_trains_as_in_step_encoding(
 def test_precomputed_latents_that_do_not_fit_are_refused(
     tmp_path, checkpoints, photos, sd15_latents, capsys
 ):
-    root, data_dir = photos
     sdxl_folder, _ = checkpoints["sdxl"]
     sd15_folder, _ = checkpoints["sd15"]
 
     def batches(folder, latents, *extra):
-        config = load_config(
-            f"{CONFIGS['sd15']}:smoke",
-            [
-                f"pretrained={folder}",
-                f"data.path={root}",
-                f"data.data_dir={data_dir}",
-                f"data.precomputed_latents_dir={latents}",
-                *extra,
-            ],
-        )
-        return finetune.make_batches(config, finetune.load_model(config))
+        config = _config("sd15", folder, photos, f"data.precomputed_latents_dir={latents}", *extra)
+        return caption_batches.make_batches(config, finetune.load_model(config))
 
     # (The tiny SDXL checkpoint has the tiny SD1.5 VAE: only the size columns are missing.)
     with pytest.raises(ValueError, match="no SDXL size conditioning"):
@@ -509,33 +503,26 @@ def test_random_crops_are_a_function_of_seed_step_and_example():
     rng = np.random.default_rng(0)
     images = [rng.integers(0, 256, shape + (3,), dtype=np.uint8) for shape in PHOTOS[:4]]
     indices = np.array([5, 1, 7, 2])
-    crops, corners, widths = finetune.random_crops(images, SIZE, 0, 3, indices)
+    crops, corners, widths = caption_batches.random_crops(images, SIZE, 0, 3, indices)
     assert crops.shape == (4, SIZE, SIZE, 3) and corners.dtype == np.int32
     for image, crop, (top, left), width in zip(images, crops, corners, widths):
         h, w = image.shape[:2]
         assert 0 <= top <= h - SIZE and 0 <= left <= w - SIZE and width == w
         np.testing.assert_array_equal(crop, image[top : top + SIZE, left : left + SIZE])
-    again = finetune.random_crops(images, SIZE, 0, 3, indices)
+    again = caption_batches.random_crops(images, SIZE, 0, 3, indices)
     np.testing.assert_array_equal(again[1], corners)  # the same (seed, step, example)
     # Example 2 alone (another process's share of the batch) gets the same crop.
-    alone = finetune.random_crops(images[3:], SIZE, 0, 3, indices[3:])
+    alone = caption_batches.random_crops(images[3:], SIZE, 0, 3, indices[3:])
     np.testing.assert_array_equal(alone[1][0], corners[3])
-    later = [finetune.random_crops(images, SIZE, 0, s, indices)[1] for s in range(4, 12)]
+    later = [caption_batches.random_crops(images, SIZE, 0, s, indices)[1] for s in range(4, 12)]
     assert any(not np.array_equal(c, corners) for c in later)  # steps crop differently
     with pytest.raises(ValueError, match="no 16x16 crop"):
-        finetune.random_crops([np.zeros((12, 30, 3), np.uint8)], SIZE, 0, 0, [0])
+        caption_batches.random_crops([np.zeros((12, 30, 3), np.uint8)], SIZE, 0, 0, [0])
 
 
 def test_sdxl_random_crop_batches_carry_each_crop_and_its_mirror(checkpoints, photos):
     folder, _ = checkpoints["sdxl"]
-    root, data_dir = photos
-    overrides = [
-        f"pretrained={folder}",
-        f"data.path={root}",
-        f"data.data_dir={data_dir}",
-        "data.random_crop=True",
-    ]
-    config = load_config(f"{CONFIGS['sdxl']}:smoke", overrides)
+    config = _config("sdxl", folder, photos, "data.random_crop=True")
     model = finetune.load_model(config)
     from ldm_jax.data.image_caption import center_crop_box
     from ldm_jax.data.pipeline import load_dataset
@@ -543,7 +530,7 @@ def test_sdxl_random_crop_batches_carry_each_crop_and_its_mirror(checkpoints, ph
     stored = load_dataset(config, "train", crop="none")  # resized, shorter side 16, uncropped
     for image, (h, w) in zip(stored["image"], PHOTOS):
         assert image.shape[:2] == center_crop_box(h, w, SIZE)[:2]
-    batches = finetune.make_batches(config, model)
+    batches = caption_batches.make_batches(config, model)
     step = 2
     batch, indices = batches[step], batches.examples.indices(step)
     assert batch["image"].shape == (len(PHOTOS), SIZE, SIZE, 3)
