@@ -3,6 +3,7 @@
 ldm-jax train  --config configs/shapes.py[:ARG] --workdir DIR [--config.some.field=value ...]
 ldm-jax sample --workdir DIR --prompt "a red circle" [--prompt ...] [--negative-prompt ...]
                --num-images N --guidance-scale W --steps S --sampler NAME --seed K --out OUTDIR
+               [--init-image IMG [--strength S]]
 ldm-jax sample --pretrained PATH [--tokenizer DIR] --prompt ... [--height H --width W]
                [--guidance-rescale R] [--init-image IMG [--strength S]] [--mask MASK] --out OUTDIR
 ldm-jax convert SRC --out DIR [--to diffusers|orbax] [--variant fp16 --dtype float16]
@@ -78,9 +79,7 @@ def _sample(args, overrides):
         "--tokenizer-2": args.tokenizer_2,
         "--height": args.height,
         "--width": args.width,
-        "--init-image": args.init_image,
         "--mask": args.mask,
-        "--strength": args.strength,
         "--clip-skip": args.clip_skip,
     }
     given = [k for k, v in pretrained_only.items() if v is not None] + (
@@ -88,6 +87,11 @@ def _sample(args, overrides):
     )
     if given:
         raise ValueError(f"{', '.join(given)} only apply with --pretrained")
+    if args.strength is not None and args.init_image is None:
+        raise ValueError("--strength needs --init-image (img2img)")
+    if args.init_image is not None and not pathlib.Path(args.init_image).is_file():
+        raise FileNotFoundError(f"--init-image {args.init_image}: no such file")
+    strength = 0.8 if args.strength is None else args.strength  # diffusers' img2img default
     sampler = args.sampler or "ddim"
     guidance_scale = 4.0 if args.guidance_scale is None else args.guidance_scale
     ldm = pipeline.load_from_workdir(args.workdir)
@@ -109,8 +113,11 @@ def _sample(args, overrides):
         sampler_options=sampler_options,
         batch_size=args.batch_size or 32,
         progress=True,
+        init_image=args.init_image,
+        strength=strength,
     )
     seconds = time.perf_counter() - start
+    img2img = {"init_image": str(args.init_image), "strength": strength} if args.init_image else {}
     records = [
         {
             "prompt": p,
@@ -121,6 +128,7 @@ def _sample(args, overrides):
             "guidance_scale": guidance_scale,
         }
         | ({"sampler_options": sampler_options} if sampler_options else {})
+        | img2img
         for p, n, s in zip(prompts, negative_prompts, seeds)
     ]
     out = pipeline.save_outputs(images, records, args.out, grid_columns=args.num_images)

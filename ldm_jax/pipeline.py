@@ -2,6 +2,8 @@
 
   ldm = load_from_workdir("runs/shapes/ldm")
   images = generate(ldm, ["a red circle"], seeds=[0], guidance_scale=4.0, num_steps=25)
+  # img2img: from a picture noised part-way (diffusers' strength; 0.8 skips the first 20%)
+  images = generate(ldm, ["a red circle"], seeds=[0], init_image="in.png", strength=0.6)
 
 The whole denoising loop, the text encoder and the VAE decoder run in one jitted function per
 (sampler, steps, batch size); prompts, negative prompts, seeds and guidance scales are traced
@@ -152,9 +154,25 @@ def encode_prompts(ldm: LatentDiffusion, prompts: Sequence[str]) -> np.ndarray:
     return ldm.tokenizer(list(prompts))
 
 
-def _sample_fn(ldm: LatentDiffusion, sampler: str, num_steps: int, sampler_options: tuple):
-    """jit(params, frozen, cond_ids, uncond_ids, guidance[B], seeds[B]) -> uint8[B,H,W,3]."""
-    key = (sampler, num_steps, sampler_options)
+def encode_init_images(ldm: LatentDiffusion, frozen, images, seeds) -> jax.Array:
+    """img2img's init latents f32[B, h, w, c]: a posterior sample of each image (f32[B, H, W, 3]
+    in [0, 1]) times latent_scale, as the ldm stage trains on; its noise from the image's seed."""
+    posterior = ldm.vae.apply(frozen["vae"], images * 2 - 1, method=ldm.vae.encode)
+    keys = jax.vmap(lambda s: jax.random.fold_in(jax.random.key(s), 2))(seeds)
+    eps = jax.vmap(lambda k, m: rng_lib.normal(k, m.shape))(keys, posterior.mean)
+    return (posterior.mean + posterior.std * eps) * frozen["latent_scale"]
+
+
+def _sample_fn(
+    ldm: LatentDiffusion,
+    sampler: str,
+    num_steps: int,
+    sampler_options: tuple,
+    start_step: int | None = None,
+):
+    """jit(params, frozen, cond_ids, uncond_ids, guidance[B], seeds[B]) -> uint8[B,H,W,3]; with
+    `start_step` (img2img) one more argument, the init images f32[B, H, W, 3] in [0, 1]."""
+    key = (sampler, num_steps, sampler_options, start_step)
     if key in ldm._compiled:
         return ldm._compiled[key]
     sample = sampler_lib.get_sampler(sampler)
@@ -162,7 +180,7 @@ def _sample_fn(ldm: LatentDiffusion, sampler: str, num_steps: int, sampler_optio
     channels = ldm.config.autoencoder.latent_channels
     prediction_type = ldm.config.diffusion.prediction_type
 
-    def fn(params, frozen, cond_ids, uncond_ids, guidance, seeds):
+    def fn(params, frozen, cond_ids, uncond_ids, guidance, seeds, init_images=None):
         embed = lambda ids: ldm.text_encoder.apply(params["text_encoder"], ids).last_hidden_state
         cond, uncond = embed(cond_ids), embed(uncond_ids)
         apply = lambda x, t, ctx: ldm.unet.apply(params["unet"], x, t, ctx)
@@ -170,6 +188,10 @@ def _sample_fn(ldm: LatentDiffusion, sampler: str, num_steps: int, sampler_optio
         # Per-image noise from per-image seeds: an image does not depend on its batch-mates.
         noise = jax.vmap(lambda s: rng_lib.normal(jax.random.key(s), (lat, lat, channels)))(seeds)
         rng = jax.random.fold_in(jax.random.key(seeds[0]), 1)
+        options = dict(sampler_options)
+        if start_step is not None:
+            init_latents = encode_init_images(ldm, frozen, init_images, seeds)
+            options.update(start_step=start_step, init_latents=init_latents)
         latents = sample(
             model_fn,
             noise,
@@ -177,7 +199,7 @@ def _sample_fn(ldm: LatentDiffusion, sampler: str, num_steps: int, sampler_optio
             num_steps,
             rng,
             prediction_type=prediction_type,
-            **dict(sampler_options),
+            **options,
         )
         images = ldm.vae.apply(
             frozen["vae"], latents / frozen["latent_scale"], method=ldm.vae.decode
@@ -190,9 +212,8 @@ def _sample_fn(ldm: LatentDiffusion, sampler: str, num_steps: int, sampler_optio
     params = sharding_lib.tree_shardings(ldm.params, ldm.mesh, rules)
     frozen = sharding_lib.tree_shardings(ldm.frozen, ldm.mesh, rules)
     batch = sharding_lib.batch_sharding(ldm.mesh)
-    compiled = jax.jit(
-        fn, in_shardings=(params, frozen, batch, batch, batch, batch), out_shardings=batch
-    )
+    batched = (batch,) * (4 if start_step is None else 5)
+    compiled = jax.jit(fn, in_shardings=(params, frozen, *batched), out_shardings=batch)
     ldm._compiled[key] = compiled
     return compiled
 
@@ -209,12 +230,20 @@ def generate(
     batch_size: int = 16,
     sampler_options: dict | None = None,
     progress: bool = False,
+    init_image=None,
+    strength: float = 0.8,
 ) -> np.ndarray:
     """One image per (prompt, seed) pair -> uint8[N, H, W, 3].
 
     guidance_scale: one value or one per image (diffusers' convention: 1 = conditional model,
     0 = unconditional). negative_prompts replace the empty unconditional prompt.
+    init_image: img2img from one picture or one per image (a path, PIL image or uint8 array,
+    resized to the model's size), with `strength` as in diffusers: the first
+    num_steps - int(num_steps * strength) steps are skipped and the sampler starts from a
+    posterior sample of the image's latents (seeded by the image's seed) noised to that step.
     """
+    from ldm_jax import sd_pipeline
+
     n = len(prompts)
     if len(seeds) != n:
         raise ValueError(f"{n} prompts but {len(seeds)} seeds")
@@ -224,7 +253,14 @@ def generate(
     guidance = np.broadcast_to(np.asarray(guidance_scale, np.float32), (n,))
     devices = ldm.mesh.devices.size
     batch_size = -(-batch_size // devices) * devices  # a multiple of the device count
-    fn = _sample_fn(ldm, sampler, num_steps, tuple(sorted((sampler_options or {}).items())))
+    start_step, arrays = None, []
+    if init_image is not None:
+        start_step = sd_pipeline.img2img_start_step(num_steps, strength)
+        sd_pipeline.check_img2img_support(sampler)
+        size = ldm.config.data.image_size
+        arrays = [sd_pipeline.images_per_prompt(init_image, n, size, size).astype(np.float32)]
+    options = tuple(sorted((sampler_options or {}).items()))
+    fn = _sample_fn(ldm, sampler, num_steps, options, start_step)
     cond_ids = ldm.tokenizer(list(prompts))
     uncond_ids = ldm.tokenizer(negative_prompts)
     seeds = np.asarray(seeds, np.uint32)
@@ -239,7 +275,7 @@ def generate(
         pad = batch_size - len(seeds[sl])
         padded = [
             np.concatenate([a[sl], np.repeat(a[sl][-1:], pad, axis=0)])
-            for a in (cond_ids, uncond_ids, guidance, seeds)
+            for a in (cond_ids, uncond_ids, guidance, seeds, *arrays)
         ]
         images = fn(ldm.params, ldm.frozen, *padded)
         out.append(np.asarray(images)[: batch_size - pad])

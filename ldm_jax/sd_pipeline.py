@@ -56,7 +56,7 @@ SD_SCHEDULER_DEFAULTS = {
 # Options that every sampler takes; the ones passed to samplers not in SCHEDULER_CLASSES.
 COMMON_OPTIONS = ("prediction_type", "timestep_spacing", "steps_offset")
 
-# Sampler options that img2img needs; see `_check_img2img_support`.
+# Sampler options that img2img needs; see `check_img2img_support`.
 IMG2IMG_OPTIONS = ("start_step", "init_latents")
 
 
@@ -192,7 +192,7 @@ def load_image(image, height: int, width: int, grayscale: bool = False) -> np.nd
     return out[..., None] if grayscale else out
 
 
-def _images_per_prompt(images, num_prompts: int, height: int, width: int, grayscale=False):
+def images_per_prompt(images, num_prompts: int, height: int, width: int, grayscale=False):
     """One image for all prompts or one per prompt -> float32[num_prompts, H, W, C] in [0, 1]."""
     if isinstance(images, list | tuple):
         loaded = [load_image(im, height, width, grayscale) for im in images]
@@ -423,7 +423,18 @@ def supports_img2img(sampler: str) -> bool:
     return accepted is None or all(o in accepted for o in IMG2IMG_OPTIONS)
 
 
-def _check_img2img_support(sampler: str):
+def img2img_start_step(num_inference_steps: int, strength: float) -> int:
+    """The steps img2img skips: diffusers' `get_timesteps` keeps the last
+    int(num_inference_steps * strength) of them."""
+    if not 0 < strength <= 1:
+        raise ValueError(f"strength must be in (0, 1], got {strength}")
+    start_step = num_inference_steps - min(int(num_inference_steps * strength), num_inference_steps)
+    if start_step >= num_inference_steps:
+        raise ValueError(f"strength {strength} leaves no steps of {num_inference_steps}")
+    return start_step
+
+
+def check_img2img_support(sampler: str):
     if not supports_img2img(sampler):
         missing = [o for o in IMG2IMG_OPTIONS if o not in _keyword_options(sampler)]
         raise ValueError(
@@ -534,14 +545,9 @@ def generate(
         mode = "img2img" if image is not None else "txt2img"
     if strength is None:
         strength = 0.8 if mode == "img2img" else 1.0
-    if not 0 < strength <= 1:
-        raise ValueError(f"strength must be in (0, 1], got {strength}")
     if mode == "txt2img" and strength != 1:
         raise ValueError("strength needs an init image")
-    # diffusers' get_timesteps: keep the last int(steps * strength) steps.
-    start_step = num_inference_steps - min(int(num_inference_steps * strength), num_inference_steps)
-    if start_step >= num_inference_steps:
-        raise ValueError(f"strength {strength} leaves no steps of {num_inference_steps}")
+    start_step = img2img_start_step(num_inference_steps, strength)
 
     # Per-image host arrays (N = prompts x images per prompt, prompt-major).
     per = num_images_per_prompt
@@ -587,9 +593,9 @@ def generate(
         batch["time_ids"] = np.tile(np.asarray(ids, np.float32), (n, 1))
         batch["neg_time_ids"] = np.tile(np.asarray(neg, np.float32), (n, 1))
     if image is not None:
-        batch["image"] = rep(_images_per_prompt(image, len(prompts), height, width))
+        batch["image"] = rep(images_per_prompt(image, len(prompts), height, width))
     if mask_image is not None:
-        mask = _images_per_prompt(mask_image, len(prompts), height, width, grayscale=True)
+        mask = images_per_prompt(mask_image, len(prompts), height, width, grayscale=True)
         batch["mask"] = rep((mask >= 0.5).astype(np.float32))  # VaeImageProcessor do_binarize
 
     sampler, options, schedule = resolve_sampler(
@@ -598,7 +604,7 @@ def generate(
     if mode == "img2img" or start_step:
         # diffusers' img2img noises the init latents even at strength 1 (add_noise at the first
         # timestep); only inpainting at strength 1 starts from pure noise (`is_strength_max`).
-        _check_img2img_support(sampler)
+        check_img2img_support(sampler)
         options["start_step"] = start_step
     key_options = tuple(sorted(options.items()))
     static = key_options + (
