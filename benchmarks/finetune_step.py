@@ -11,6 +11,8 @@ interleaved timed runs (timing.py), and their ratios.
     # CPU: 256 px (32x32 latents), batch 1; FLOPs at 512 px need only --cost-only
     python benchmarks/finetune_step.py --size 256 --repeats 3
     python benchmarks/finetune_step.py --size 512 --cost-only
+    # CPU check of the script itself on tiny architectures
+    python benchmarks/finetune_step.py --tiny --size 32 --repeats 1
 """
 
 from __future__ import annotations
@@ -45,18 +47,22 @@ def random_params(module, *args, rng, **kwargs):
     return jax.tree.map(lambda s: jnp.asarray(rng.normal(0, 0.02, s.shape), s.dtype), shapes)
 
 
-def sd15_model(dtype, rng) -> PretrainedModel:
+# (U-Net, VAE, CLIP) variants: SD1.5's, or tiny ones for a CPU check of the script itself.
+ARCHITECTURES = {"sd15": ("sd15", "sd", "vit-l-14"), "tiny": ("tiny", "tiny", "tiny")}
+
+
+def sd15_model(dtype, rng, architecture: str = "sd15") -> PretrainedModel:
     """An SD1.5-architecture PretrainedModel with random weights (no tokenizer needed here)."""
-    unet = unet_from_variant("sd15", dtype=dtype)
-    vae = vae_from_variant("sd")
-    text = clip_from_variant("vit-l-14", dtype=dtype)
+    unet_name, vae_name, clip_name = ARCHITECTURES[architecture]
+    unet = unet_from_variant(unet_name, dtype=dtype)
+    vae = vae_from_variant(vae_name)
+    text = clip_from_variant(clip_name, dtype=dtype)
     ids = jnp.zeros((1, 77), jnp.int32)
+    context = jnp.zeros((1, 77, unet.cross_attention_dim))
     return PretrainedModel(
         kind="sd1",
         unet=unet,
-        unet_params=random_params(
-            unet, jnp.zeros((1, 8, 8, 4)), jnp.zeros((1,)), jnp.zeros((1, 77, 768)), rng=rng
-        ),
+        unet_params=random_params(unet, jnp.zeros((1, 8, 8, 4)), jnp.zeros((1,)), context, rng=rng),
         vae=vae,
         vae_params=random_params(vae, jnp.zeros((1, 16, 16, 3)), rng=rng),
         scaling_factor=0.18215,
@@ -72,12 +78,13 @@ def main(argv=None):
     parser.add_argument("--dtype", default="float32", choices=tuple(DTYPES), help="U-Net, CLIP")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--cost-only", action="store_true", help="FLOPs only, nothing run")
+    parser.add_argument("--tiny", action="store_true", help="tiny architecture (script check)")
     args = parser.parse_args(argv)
 
     print(f"JAX {jax.__version__} backend {jax.default_backend()}: {jax.devices()[0].device_kind}")
     print(thread_report())
     rng = np.random.default_rng(0)
-    model = sd15_model(DTYPES[args.dtype], rng)
+    model = sd15_model(DTYPES[args.dtype], rng, "tiny" if args.tiny else "sd15")
     objective = finetune.Objective(
         model=model,
         schedule=make_schedule("scaled_linear", 1000, 0.00085, 0.012),
@@ -90,7 +97,7 @@ def main(argv=None):
     )
     b = args.batch
     images = rng.integers(0, 256, (b, args.size, args.size, 3), dtype=np.uint8)
-    ids = (rng.integers(0, 49408, (b, 77)).astype(np.int32),)
+    ids = (rng.integers(0, model.text_encoders[0].vocab_size, (b, 77)).astype(np.int32),)
     # The precomputed batch holds these images' own posteriors (what `encode_dataset` stores), so
     # both steps feed the U-Net the same numbers.
     encode = jax.jit(

@@ -58,7 +58,7 @@ if [ "$SMOKE" = 1 ]; then
         --impls xla,auto,chunked:64x64 --repeats 2
     part text_to_image 300 "$PYTHON" benchmarks/text_to_image.py --tokenizer "$TOKENIZER" \
         --tiny --size 64 --steps 2 --dtypes float32 --repeats 1
-    part finetune_step 300 "$PYTHON" benchmarks/finetune_step.py --size 64 --cost-only
+    part finetune_step 300 "$PYTHON" benchmarks/finetune_step.py --tiny --size 32 --repeats 1
     exit 0
 fi
 
