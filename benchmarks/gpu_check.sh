@@ -42,7 +42,7 @@ part() {  # part NAME SECONDS COMMAND...: run with a limit, log to $OUT/NAME.log
     echo "$name: exit $rc after $((SECONDS - start)) s" | tee -a "$OUT/summary.txt"
 }
 
-part environment 60 "$PYTHON" -c '
+part environment 30 "$PYTHON" -c '
 import importlib, jax
 for name in ("jax", "jaxlib", "flax", "optax", "torch", "diffusers", "transformers"):
     try:
