@@ -258,7 +258,8 @@ def generate(
         start_step = sd_pipeline.img2img_start_step(num_steps, strength)
         sd_pipeline.check_img2img_support(sampler)
         size = ldm.config.data.image_size
-        arrays = [sd_pipeline.images_per_prompt(init_image, n, size, size).astype(np.float32)]
+        init = sd_pipeline.images_per_prompt(init_image, n, size, size, per="image")
+        arrays = [init.astype(np.float32)]
     options = tuple(sorted((sampler_options or {}).items()))
     fn = _sample_fn(ldm, sampler, num_steps, options, start_step)
     cond_ids = ldm.tokenizer(list(prompts))

@@ -173,7 +173,12 @@ def load_image(image, height: int, width: int, grayscale: bool = False) -> np.nd
     from PIL import Image
 
     if isinstance(image, str | pathlib.Path):
-        image = Image.open(image)
+        try:
+            with Image.open(image) as opened:
+                opened.load()  # a truncated or corrupt file raises here, with its name below
+                image = opened.copy()
+        except (OSError, SyntaxError) as e:  # PIL's errors for unreadable files
+            raise ValueError(f"cannot read image {image}: {e}") from e
     if not isinstance(image, Image.Image):
         array = np.asarray(image)
         if array.ndim == 2:
@@ -192,8 +197,11 @@ def load_image(image, height: int, width: int, grayscale: bool = False) -> np.nd
     return out[..., None] if grayscale else out
 
 
-def images_per_prompt(images, num_prompts: int, height: int, width: int, grayscale=False):
-    """One image for all prompts or one per prompt -> float32[num_prompts, H, W, C] in [0, 1]."""
+def images_per_prompt(
+    images, num_prompts: int, height: int, width: int, grayscale=False, per: str = "prompt"
+):
+    """One image for all prompts or one per prompt -> float32[num_prompts, H, W, C] in [0, 1];
+    `per` names what the count is of, in the error for a wrong count ("prompt", "image")."""
     if isinstance(images, list | tuple):
         loaded = [load_image(im, height, width, grayscale) for im in images]
     elif isinstance(images, np.ndarray | jax.Array) and np.ndim(images) == 4:
@@ -203,7 +211,7 @@ def images_per_prompt(images, num_prompts: int, height: int, width: int, graysca
     if len(loaded) == 1:
         loaded = loaded * num_prompts
     if len(loaded) != num_prompts:
-        raise ValueError(f"give one image or one per prompt ({num_prompts}), got {len(loaded)}")
+        raise ValueError(f"give one image or one per {per} ({num_prompts}), got {len(loaded)}")
     return np.stack(loaded)
 
 

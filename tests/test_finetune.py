@@ -489,6 +489,9 @@ def test_precomputed_latents_that_do_not_fit_are_refused(
     args = _encode_args("sd15", sd15_folder, photos, tmp_path / "x", "--workdir", str(tmp_path))
     assert cli.main(args) == 2
     assert "drop --workdir" in capsys.readouterr().err
+    (tmp_path / "a_file").write_text("x")
+    assert cli.main(_encode_args("sd15", sd15_folder, photos, tmp_path / "a_file")) == 2
+    assert "is a file" in capsys.readouterr().err
     # What an interrupted encode left is neither reused nor removed.
     (tmp_path / "partial" / "tfds").mkdir(parents=True)
     assert cli.main(_encode_args("sd15", sd15_folder, photos, tmp_path / "partial")) == 2

@@ -234,6 +234,18 @@ def precomputed_arrays(config, model) -> dict:
         columns += ["latent_mean_flipped", "latent_std_flipped"]
     if model.kind == "sdxl":
         columns += list(SIZE_COLUMNS)
+    encoded = meta.get("dataset", {})
+    if (encoded.get("name"), encoded.get("path")) != (config.data.name, config.data.get("path")):
+        # The latents replace the dataset: a changed data.path would otherwise go unnoticed.
+        log.warning(
+            "the latents in %s were encoded from %s %s; this config names %s %s, which is not "
+            "read (the latents are)",
+            path,
+            encoded.get("name"),
+            encoded.get("path"),
+            config.data.name,
+            config.data.get("path"),
+        )
     log.info("reading precomputed latents %s from %s", meta["latent_shape"], path)
     if config.data.get("in_memory", False):
         data = table.to_numpy()

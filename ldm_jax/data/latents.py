@@ -155,6 +155,8 @@ def check_new_output(out_dir) -> pathlib.Path:
     """`out_dir` as a Path, if it is empty or absent; else an error (nothing there is touched:
     TFDS would take a dataset left by an earlier, interrupted encode as already prepared)."""
     out_dir = pathlib.Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise FileExistsError(f"{out_dir} is a file, not a folder; choose another --out")
     if (out_dir / "meta.json").exists():
         raise FileExistsError(f"{out_dir} already holds encoded latents; choose another --out")
     if out_dir.exists() and any(out_dir.iterdir()):
