@@ -22,6 +22,9 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 
 $(VENV)/.installed-test: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet -e '.[test]'
+	# torch-fidelity: the independent FID Inception of tests/test_inception.py. --no-deps: it
+	# requires torchvision, whose PyPI wheel is built for CUDA torch and does not load here.
+	$(BIN)/pip install --quiet --no-deps torch-fidelity==0.4.0
 	touch $@ $(VENV)/.installed
 
 install: $(VENV)/.installed

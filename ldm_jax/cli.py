@@ -10,11 +10,15 @@ ldm-jax convert SRC --out DIR [--to diffusers|orbax] [--variant fp16 --dtype flo
 ldm-jax encode --workdir AE_RUN --config configs/shapes.py:ldm --out DIR [--config.a.b=value ...]
 ldm-jax encode --config configs/sd15_finetune.py --config.pretrained=P --config.data.path=D --out DIR
 ldm-jax eval adherence --workdir DIR [--guidance-scales 0 4] [--num-per-prompt 8] [--out FILE]
+ldm-jax eval fid --workdir DIR --inception-weights W [--sampler ddim dpmpp_2m] [--steps 10 20]
+ldm-jax eval fid --images DIR --reference STATS.npz --inception-weights W
+ldm-jax eval fid-reference (--images DIR | --config CFG) --inception-weights W --out STATS.npz
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import pathlib
@@ -247,6 +251,102 @@ def _eval_adherence(args, overrides):
     print(f"(saved to {out})")
 
 
+def _inception(args):
+    """The FID Inception from --inception-weights or $LDM_JAX_INCEPTION_WEIGHTS."""
+    from ldm_jax.eval import fid
+
+    path = args.inception_weights or os.environ.get("LDM_JAX_INCEPTION_WEIGHTS")
+    if not path:
+        raise ValueError(
+            "FID needs the weights of its Inception network: pass --inception-weights FILE "
+            "(pytorch-fid's pt_inception-2015-12-05-6726825d.pth, or torch-fidelity's "
+            "weights-inception-2015-12-05-6726825d.pth) or set LDM_JAX_INCEPTION_WEIGHTS"
+        )
+    return fid.InceptionFeatures.from_file(
+        path, preprocessing=args.preprocessing, batch_size=args.batch_size
+    )
+
+
+def _eval_fid(args, overrides):
+    """FID / KID of a folder of images against reference statistics, or of a model trained
+    here, sampled with each --sampler x --steps, against its dataset's split."""
+    del overrides
+    from ldm_jax.eval import fid
+
+    if bool(args.workdir) == bool(args.images):
+        raise ValueError("eval fid takes exactly one of --workdir (a model) or --images (a folder)")
+    if args.images and not args.reference:
+        raise ValueError("--images needs --reference (statistics from `eval fid-reference`)")
+    if args.workdir:  # a wrong sampler name or step count fails before anything is loaded
+        from ldm_jax.diffusion.samplers import network_evaluations
+
+        for sampler in args.sampler:
+            for steps in args.steps:
+                if network_evaluations(sampler, steps) is None:
+                    raise ValueError(f"{sampler} cannot run {steps} steps")
+    reference = fid.load_statistics(args.reference) if args.reference else None
+    extractor = _inception(args)
+    if args.images:
+        fid.check_comparable(reference, extractor.metadata, args.reference)
+        files = fid.image_files(args.images)[: args.num_images]
+        stats, features = fid.feature_statistics(extractor, fid.read_images(files))
+        result = fid.scores(stats, features, reference, kid_subset_size=args.kid_subset_size)
+        print(json.dumps(result, indent=2))
+        return
+    from ldm_jax import pipeline
+
+    ldm = pipeline.load_from_workdir(args.workdir)
+    made, prompts = fid.dataset_reference(
+        ldm.config, extractor, split=args.split, num_images=args.num_images
+    )
+    reference = reference or made
+    out = pathlib.Path(args.out) if args.out else pathlib.Path(args.workdir) / "fid"
+    runs = [(sampler, steps) for sampler in args.sampler for steps in args.steps]
+    result = fid.evaluate_samplers(
+        ldm,
+        extractor,
+        reference,
+        prompts,
+        runs=runs,
+        guidance_scale=args.guidance_scale,
+        sampler_options=_sampler_options(args.sampler_option),
+        seed=args.seed,
+        batch_size=args.batch_size,
+        kid_subset_size=args.kid_subset_size,
+        out_dir=out,
+    )
+    print(result["table"])
+    print(f"(saved to {out})")
+
+
+def _eval_fid_reference(args, overrides):
+    """Reference statistics (mu, sigma, features) of a folder of images or a config's dataset."""
+    from ldm_jax.eval import fid
+
+    out = pathlib.Path(args.out)
+    if out.exists():
+        raise FileExistsError(f"--out {out} exists; choose a new file")
+    if bool(args.images) == bool(args.config):
+        raise ValueError("eval fid-reference takes exactly one of --images or --config")
+    extractor = _inception(args)
+    if args.images:
+        files = fid.image_files(args.images)[: args.num_images]
+        stats, features = fid.feature_statistics(extractor, fid.read_images(files))
+        metadata = {**extractor.metadata, "images": str(pathlib.Path(args.images).resolve())}
+    else:
+        from ldm_jax.config import load_config
+
+        config = load_config(args.config, overrides)
+        made, _ = fid.dataset_reference(
+            config, extractor, split=args.split, num_images=args.num_images
+        )
+        stats = fid.FeatureStatistics()
+        stats.update(made["features"])
+        features, metadata = made["features"], made["metadata"]
+    fid.save_statistics(out, stats, features=features, metadata=metadata)
+    print(f"wrote statistics of {stats.num} images to {out}")
+
+
 def _convert(args, overrides):
     """A checkpoint in any layout load_pretrained reads -> a diffusers folder or an orbax export."""
     del overrides
@@ -428,7 +528,59 @@ def build_parser() -> argparse.ArgumentParser:
         help="folder for the table, JSON and grids (default: WORKDIR/adherence)",
     )
     p.set_defaults(fn=_eval_adherence)
+
+    p = eval_sub.add_parser(
+        "fid", help="FID / KID of a model's samples (by sampler and steps) or of an image folder"
+    )
+    p.add_argument("--workdir", help="an `ldm` training run to sample from")
+    p.add_argument("--images", help="a folder of images (e.g. `sample --out`) instead of --workdir")
+    p.add_argument(
+        "--reference",
+        help="statistics from `eval fid-reference` (or pytorch-fid / clean-fid .npz); "
+        "default with --workdir: the run's dataset split, computed here",
+    )
+    p.add_argument("--split", default="test", choices=("train", "test"))
+    p.add_argument(
+        "--num-images",
+        type=int,
+        help="samples (and reference images; with --images: the first N files); default: all",
+    )
+    p.add_argument("--sampler", nargs="+", default=["ddim"], help="one or more sampler names")
+    p.add_argument("--steps", type=int, nargs="+", default=[25], help="one or more step counts")
+    p.add_argument("--sampler-option", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--guidance-scale", type=float, default=4.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="", help="folder for table.md, results.json, grids")
+    _add_inception_args(p)
+    p.set_defaults(fn=_eval_fid)
+
+    p = eval_sub.add_parser(
+        "fid-reference", help="FID reference statistics of an image folder or a config's dataset"
+    )
+    p.add_argument("--images", help="a folder of images")
+    p.add_argument("--config", help="configs/<name>.py[:arg]: its dataset (--config.* overrides)")
+    p.add_argument("--split", default="test", choices=("train", "test"))
+    p.add_argument("--num-images", type=int, help="the first N images (default: all)")
+    p.add_argument("--out", required=True, help="a new .npz file")
+    _add_inception_args(p)
+    p.set_defaults(fn=_eval_fid_reference, takes_overrides=True)
     return parser
+
+
+def _add_inception_args(p):
+    p.add_argument(
+        "--inception-weights",
+        help="the FID Inception's weights (pt_inception-2015-12-05-6726825d.pth); "
+        "default: $LDM_JAX_INCEPTION_WEIGHTS",
+    )
+    p.add_argument(
+        "--preprocessing",
+        default="tf1",
+        choices=("tf1", "pytorch_fid"),
+        help="resize + scaling before the network: TF 1.x (the FID paper's code) or pytorch-fid's",
+    )
+    p.add_argument("--batch-size", type=int, default=64, help="images per compiled batch")
+    p.add_argument("--kid-subset-size", type=int, default=1000)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -55,7 +55,7 @@ def test_nfe_is_counted_and_error_shrinks_with_nfe(small_run):
     assert 0 < result["meta"]["ode_limit"] < rows["dpmpp_2m", 4]["sw"]
 
 
-def test_planned_nfe_matches_each_algorithm():
+def test_network_evaluations_match_each_algorithm():
     """The NFE bookkeeping the benchmark checks every run against."""
     v = lambda name, **kw: bench.Variant(name, name, tuple(kw.items()))
     assert bench.steps_for_nfe(v("dpm2"), 5) == (3, 5)

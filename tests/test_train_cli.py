@@ -438,3 +438,94 @@ def test_unknown_sampler_is_refused_before_loading_a_model(tmp_path, capsys):
     assert "unknown sampler 'eulr'" in err and all(name in err for name in sampler_names())
     assert cli.main([*args, "--pretrained", str(tmp_path / "no_checkpoint")]) == 2
     assert "unknown sampler 'eulr'" in capsys.readouterr().err
+
+
+def _random_inception_weights(path):
+    """A random FID Inception saved as .safetensors (the real file cannot be downloaded here):
+    He-scaled convs, so that the features keep their scale through the 94 layers and FIDs differ."""
+    from safetensors.numpy import save_file
+
+    from ldm_jax.convert.naming import params_to_state_dict
+    from ldm_jax.models import inception
+
+    model = inception.FIDInceptionV3()
+    params = model.init(jax.random.key(0), jnp.zeros((1, 75, 75, 3), jnp.uint8))["params"]
+    params = jax.tree_util.tree_map_with_path(
+        lambda p, v: v * np.sqrt(2.0) if p[-1].key == "kernel" else v, params
+    )
+    save_file(params_to_state_dict(params), str(path))
+    return path
+
+
+def test_eval_fid_cli(trained, data_dir, tmp_path, capsys, monkeypatch):
+    """`eval fid` by sampler and steps on a trained run; `eval fid-reference` of the dataset
+    equals that of the same images written as PNGs, and a folder against its own statistics
+    scores 0; mismatched preprocessing and an existing --out are refused."""
+    from PIL import Image
+
+    from ldm_jax.data.pipeline import load_dataset
+    from ldm_jax.eval import fid
+
+    _, lat = trained
+    weights = _random_inception_weights(tmp_path / "inception.safetensors")
+    common = ["--inception-weights", str(weights), "--batch-size", "8"]
+    out = tmp_path / "fid"
+    args = ["eval", "fid", "--workdir", str(lat), "--num-images", "16", "--steps", "2"]
+    args += ["--sampler", "ddim", "heun", "--kid-subset-size", "8", "--out", str(out), *common]
+    assert cli.main(args) == 0
+    assert "| sampler | steps | NFE | FID |" in capsys.readouterr().out
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert [(r["sampler"], r["steps"], r["nfe"]) for r in rows] == [("ddim", 2, 2), ("heun", 2, 3)]
+    for r in rows:
+        assert r["fid"] > 0 and np.isfinite(r["kid"]) and r["kid_subset_size"] == 8
+    assert rows[0]["fid"] != rows[1]["fid"]
+    assert (out / "grid_heun_2.png").exists()
+
+    # The test split as PNG files: the folder route and the dataset route agree.
+    config = load_config(f"{SHAPES}:ldm,smoke", [f"data.data_dir={data_dir}"])
+    images = load_dataset(config, "test")["image"][:12]
+    folder = tmp_path / "real"
+    folder.mkdir()
+    for i, image in enumerate(images):
+        Image.fromarray(image).save(folder / f"{i:03d}.png")
+    from_images, from_config = tmp_path / "images.npz", tmp_path / "config.npz"
+    ref_args = ["eval", "fid-reference", "--num-images", "12", *common]
+    assert cli.main([*ref_args, "--images", str(folder), "--out", str(from_images)]) == 0
+    config_args = ["--config", f"{SHAPES}:ldm,smoke", f"--config.data.data_dir={data_dir}"]
+    assert cli.main([*ref_args, *config_args, "--out", str(from_config)]) == 0
+    a, b = fid.load_statistics(from_images), fid.load_statistics(from_config)
+    np.testing.assert_allclose(a["mu"], b["mu"], rtol=0, atol=1e-6)  # PNG is lossless
+    assert a["num_images"] == b["num_images"] == 12
+    assert (
+        cli.main(
+            ["eval", "fid", "--images", str(folder), "--reference", str(from_images)]
+            + common
+            + ["--kid-subset-size", "6"]
+        )
+        == 0
+    )
+    printed = capsys.readouterr().out  # two "wrote statistics" lines, then the JSON result
+    result = json.loads(printed[printed.index("{") :])
+    assert abs(result["fid"]) < 1e-6 * (1 + float(np.trace(a["sigma"])))
+
+    # Bad input: another preprocessing than the reference's; an --out that exists.
+    code = cli.main(
+        [
+            "eval",
+            "fid",
+            "--images",
+            str(folder),
+            "--reference",
+            str(from_images),
+            "--preprocessing",
+            "pytorch_fid",
+            *common,
+        ]
+    )
+    assert code == 2 and "preprocessing" in capsys.readouterr().err
+    before = from_images.read_bytes()
+    assert cli.main([*ref_args, "--images", str(folder), "--out", str(from_images)]) == 2
+    assert "exists" in capsys.readouterr().err and from_images.read_bytes() == before
+    monkeypatch.delenv("LDM_JAX_INCEPTION_WEIGHTS", raising=False)
+    code = cli.main(["eval", "fid", "--images", str(folder), "--reference", str(from_images)])
+    assert code == 2 and "--inception-weights" in capsys.readouterr().err

@@ -11,7 +11,7 @@ for the question, the settings and the results.
     python experiments/sampler_benchmark/run.py  # ~10 min on 2 CPU cores; writes results/
 
 NFE is counted, not assumed: the network is a host callback that counts its calls
-(`host_network`), and a run whose count differs from `planned_nfe` fails.
+(`host_network`), and a run whose count differs from `network_evaluations` fails.
 """
 
 from __future__ import annotations
@@ -195,29 +195,13 @@ def tuned_variants(path: pathlib.Path = TUNED_SCHEDULES) -> list[Variant]:
     return rows
 
 
-def planned_nfe(sampler: str, num_steps: int) -> int | None:
-    """Network calls of `num_steps` steps (None: not runnable), from each sampler's algorithm:
-    Heun, DPM2 and DPM-Solver++ SDE evaluate twice per step but once in the last step (to sigma =
-    0, an Euler step); PNDM's first three steps are pseudo Runge-Kutta steps of 4 calls each
-    (N + 9 calls, N >= 4); PLMS makes one extra call for its first step's 2nd-order correction."""
-    if sampler in ("heun", "dpm2", "dpm2_ancestral", "dpmpp_sde"):
-        return 2 * num_steps - 1
-    if sampler == "pndm":
-        return num_steps + 9 if num_steps >= 4 else None
-    if sampler == "plms":
-        return num_steps + 1
-    if sampler == "lcm" and num_steps > 50:  # a subset of the 50 original_inference_steps
-        return None
-    return num_steps
-
-
 def steps_for_nfe(variant: Variant, budget: int) -> tuple[int, int] | None:
     """(num_steps, NFE) with the most steps whose NFE <= budget (among the step counts the
     variant has schedules for, if any); None when none fits."""
     best = None
     allowed = dict(variant.schedules)
     for n in range(1, budget + 1):
-        nfe = planned_nfe(variant.sampler, n)
+        nfe = samplers.network_evaluations(variant.sampler, n)
         if nfe is not None and nfe <= budget and (not allowed or n in allowed):
             best = (n, nfe)
     if best is not None and allowed and best[1] != budget:

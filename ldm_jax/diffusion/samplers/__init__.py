@@ -55,6 +55,25 @@ def sampler_names() -> list[str]:
     return sorted(SAMPLERS)
 
 
+def network_evaluations(sampler: str, num_steps: int) -> int | None:
+    """Network calls (NFE) of `num_steps` steps of `sampler`, None where that is not runnable;
+    with classifier-free guidance a call is one batched cond + uncond evaluation. From each
+    algorithm: Heun, DPM2 and DPM-Solver++ SDE evaluate twice per step but once in the last step
+    (to sigma = 0, an Euler step); PNDM's first three steps are pseudo Runge-Kutta steps of 4
+    calls each (N + 9 calls, N >= 4); PLMS makes one extra call for its first step's 2nd-order
+    correction. experiments/sampler_benchmark counts the calls and checks them against this."""
+    get_sampler(sampler)
+    if sampler in ("heun", "dpm2", "dpm2_ancestral", "dpmpp_sde"):
+        return 2 * num_steps - 1
+    if sampler == "pndm":
+        return num_steps + 9 if num_steps >= 4 else None
+    if sampler == "plms":
+        return num_steps + 1
+    if sampler == "lcm" and num_steps > 50:  # a subset of the 50 original_inference_steps
+        return None
+    return num_steps
+
+
 def normal_like(key, x: jnp.ndarray) -> jnp.ndarray:
     """Standard-normal noise of x's shape and dtype (`ldm_jax.rng.normal`: the values of
     `jax.random.normal`, compiled faster on CPU)."""
@@ -119,6 +138,7 @@ __all__ = [
     "check_img2img",
     "get_sampler",
     "initial_sample",
+    "network_evaluations",
     "normal_like",
     "register",
     "sampler_names",
