@@ -57,8 +57,13 @@ def _sample(args, overrides):
     del overrides
     from ldm_jax import pipeline
 
+    if args.prompt_file:  # e.g. 30k COCO captions for FID: one prompt per line
+        path = pathlib.Path(args.prompt_file)
+        if not path.is_file():
+            raise FileNotFoundError(f"no such --prompt-file: {path}")
+        args.prompt = args.prompt + [line for line in path.read_text().splitlines() if line.strip()]
     if not args.prompt:
-        raise ValueError("give at least one --prompt")
+        raise ValueError("give at least one --prompt (or a --prompt-file)")
     if args.num_images < 1 or args.steps < 1:
         raise ValueError(
             f"--num-images and --steps must be >= 1, got {args.num_images}, {args.steps}"
@@ -452,6 +457,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", help="tokenizer folder for a single-file checkpoint")
     p.add_argument("--tokenizer-2", help="second tokenizer folder (SDXL single files)")
     p.add_argument("--prompt", action="append", default=[], help="repeat for several prompts")
+    p.add_argument("--prompt-file", help="a text file of prompts, one per line (after --prompt)")
     p.add_argument(
         "--negative-prompt",
         action="append",

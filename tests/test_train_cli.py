@@ -508,6 +508,26 @@ def test_eval_fid_cli(trained, data_dir, tmp_path, capsys, monkeypatch):
     result = json.loads(printed[printed.index("{") :])
     assert abs(result["fid"]) < 1e-6 * (1 + float(np.trace(a["sigma"])))
 
+    # Samples of `sample --prompt-file` (one prompt per line) against the reference.
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\n\na blue square\na green triangle\n")
+    samples = tmp_path / "samples"
+    sample_args = ["sample", "--workdir", str(lat), "--prompt-file", str(prompts)]
+    sample_args += ["--num-images", "2", "--steps", "2", "--out", str(samples)]
+    assert cli.main(sample_args) == 0
+    manifest = json.loads((samples / "manifest.json").read_text())
+    assert [r["prompt"] for r in manifest][::2] == [
+        "a red circle",
+        "a blue square",
+        "a green triangle",
+    ]
+    capsys.readouterr()
+    fid_args = ["eval", "fid", "--images", str(samples), "--reference", str(from_images)]
+    assert cli.main([*fid_args, *common, "--kid-subset-size", "6"]) == 0
+    printed = capsys.readouterr().out
+    result = json.loads(printed[printed.index("{") :])
+    assert result["num_images"] == 6 and result["fid"] > 0  # grid.png is not a sample
+
     # Bad input: another preprocessing than the reference's; an --out that exists.
     code = cli.main(
         [
