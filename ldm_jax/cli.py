@@ -13,6 +13,7 @@ ldm-jax eval adherence --workdir DIR [--guidance-scales 0 4] [--num-per-prompt 8
 ldm-jax eval fid --workdir DIR --inception-weights W [--sampler ddim dpmpp_2m] [--steps 10 20]
 ldm-jax eval fid --images DIR --reference STATS.npz --inception-weights W
 ldm-jax eval fid-reference (--images DIR | --config CFG) --inception-weights W --out STATS.npz
+ldm-jax eval clip-score --images DIR --clip CLIP_FOLDER
 """
 
 from __future__ import annotations
@@ -291,11 +292,21 @@ def _eval_fid(args, overrides):
                     raise ValueError(f"{sampler} cannot run {steps} steps")
     reference = fid.load_statistics(args.reference) if args.reference else None
     extractor = _inception(args)
+    scorer = None
+    if args.clip:
+        from ldm_jax.eval.clip_score import ClipScorer
+
+        scorer = ClipScorer.from_folder(args.clip, batch_size=args.batch_size)
     if args.images:
         fid.check_comparable(reference, extractor.metadata, args.reference)
         files = fid.image_files(args.images)[: args.num_images]
+        prompts = _manifest_prompts(args.images, files) if scorer else None
         stats, features = fid.feature_statistics(extractor, fid.read_images(files))
         result = fid.scores(stats, features, reference, kid_subset_size=args.kid_subset_size)
+        if scorer:
+            from ldm_jax.eval.clip_score import summarize
+
+            result.update(summarize(scorer.scores(list(fid.read_images(files)), prompts)))
         print(json.dumps(result, indent=2))
         return
     from ldm_jax import pipeline
@@ -318,10 +329,46 @@ def _eval_fid(args, overrides):
         seed=args.seed,
         batch_size=args.batch_size,
         kid_subset_size=args.kid_subset_size,
+        clip_scorer=scorer,
         out_dir=out,
     )
     print(result["table"])
     print(f"(saved to {out})")
+
+
+def _manifest_prompts(folder, files) -> list[str]:
+    """The prompt of each file, from the folder's manifest.json (what `sample` writes)."""
+    path = pathlib.Path(folder) / "manifest.json"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"CLIP score needs the prompts: {path} (written by sample) is missing"
+        )
+    try:
+        by_file = {r["file"]: r["prompt"] for r in json.loads(path.read_text())}
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(
+            f"{path} is not a sample manifest (records with file and prompt): {e}"
+        ) from e
+    missing = [f.name for f in files if f.name not in by_file]
+    if missing:
+        raise ValueError(f"{path} has no prompt for {len(missing)} images, e.g. {missing[:3]}")
+    return [by_file[f.name] for f in files]
+
+
+def _eval_clip_score(args, overrides):
+    """CLIP score of a folder of samples against the prompts in its manifest.json."""
+    del overrides
+    from ldm_jax.eval import fid
+    from ldm_jax.eval.clip_score import ClipScorer, summarize
+
+    files = fid.image_files(args.images)[: args.num_images]
+    prompts = _manifest_prompts(args.images, files)
+    scorer = ClipScorer.from_folder(args.clip, batch_size=args.batch_size)
+    result = {
+        "num_images": len(files),
+        **summarize(scorer.scores(list(fid.read_images(files)), prompts)),
+    }
+    print(json.dumps(result, indent=2))
 
 
 def _eval_fid_reference(args, overrides):
@@ -557,8 +604,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance-scale", type=float, default=4.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="", help="folder for table.md, results.json, grids")
+    p.add_argument("--clip", help=_CLIP_HELP + "; adds the CLIP score of the samples")
     _add_inception_args(p)
     p.set_defaults(fn=_eval_fid)
+
+    p = eval_sub.add_parser("clip-score", help="CLIP score of a `sample --out` folder")
+    p.add_argument("--images", required=True, help="a folder with manifest.json (from sample)")
+    p.add_argument("--clip", required=True, help=_CLIP_HELP)
+    p.add_argument("--num-images", type=int, help="the first N files (default: all)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per compiled batch")
+    p.set_defaults(fn=_eval_clip_score)
 
     p = eval_sub.add_parser(
         "fid-reference", help="FID reference statistics of an image folder or a config's dataset"
@@ -571,6 +626,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_inception_args(p)
     p.set_defaults(fn=_eval_fid_reference, takes_overrides=True)
     return parser
+
+
+_CLIP_HELP = "a transformers CLIPModel folder, e.g. openai/clip-vit-large-patch14 on disk"
 
 
 def _add_inception_args(p):

@@ -457,7 +457,7 @@ def _random_inception_weights(path):
     return path
 
 
-def test_eval_fid_cli(trained, data_dir, tmp_path, capsys, monkeypatch):
+def test_eval_fid_cli(trained, data_dir, tmp_path, capsys, monkeypatch, clip_tokenizer_dir):
     """`eval fid` by sampler and steps on a trained run; `eval fid-reference` of the dataset
     equals that of the same images written as PNGs, and a folder against its own statistics
     scores 0; mismatched preprocessing and an existing --out are refused."""
@@ -472,12 +472,17 @@ def test_eval_fid_cli(trained, data_dir, tmp_path, capsys, monkeypatch):
     out = tmp_path / "fid"
     args = ["eval", "fid", "--workdir", str(lat), "--num-images", "16", "--steps", "2"]
     args += ["--sampler", "ddim", "heun", "--kid-subset-size", "8", "--out", str(out), *common]
-    assert cli.main(args) == 0
-    assert "| sampler | steps | NFE | FID |" in capsys.readouterr().out
+    pytest.importorskip("torch")
+    import tiny_checkpoints
+
+    tiny_checkpoints.clip_model(tmp_path / "clip", clip_tokenizer_dir)
+    assert cli.main([*args, "--clip", str(tmp_path / "clip")]) == 0
+    assert "| sampler | steps | NFE | FID | KID x 1e3 | CLIP score |" in capsys.readouterr().out
     rows = json.loads((out / "results.json").read_text())["rows"]
     assert [(r["sampler"], r["steps"], r["nfe"]) for r in rows] == [("ddim", 2, 2), ("heun", 2, 3)]
     for r in rows:
         assert r["fid"] > 0 and np.isfinite(r["kid"]) and r["kid_subset_size"] == 8
+        assert 0 <= r["clip_score"] <= 100 and r["clip_score_std"] >= 0
     assert rows[0]["fid"] != rows[1]["fid"]
     assert (out / "grid_heun_2.png").exists()
 

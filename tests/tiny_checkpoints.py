@@ -1,4 +1,5 @@
 """Tiny random Stable Diffusion models in diffusers / transformers (PyTorch, CPU), for tests.
+(Also a tiny whole `CLIPModel`, the CLIP-score model.)
 
 The released architectures at toy widths: SD1-style (one CLIP text encoder) and SDXL-style (two
 encoders, `text_time` added conditioning). Each component has the released checkpoints'
@@ -119,3 +120,27 @@ def sdxl_pipeline(tokenizer_dir, **unet_kwargs):
         scheduler=scheduler(),
         force_zeros_for_empty_prompt=True,
     )
+
+
+CLIP_IMAGE_SIZE = 32
+
+
+def clip_model(folder, tokenizer_dir, hidden_act: str = "quick_gelu"):
+    """A tiny random transformers `CLIPModel` saved to `folder` with the real CLIP tokenizer and a
+    PIL `CLIPImageProcessor` (32 px), as openai/clip-vit-large-patch14 is laid out; returns it."""
+    tower = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2}
+    tower.update(num_attention_heads=4, hidden_act=hidden_act)
+    config = transformers.CLIPConfig(
+        # the real tokenizer's vocabulary; hidden 32 keeps the table at 1.6M parameters
+        text_config={**tower, "vocab_size": 49408},
+        vision_config={**tower, "image_size": CLIP_IMAGE_SIZE, "patch_size": 8},
+        projection_dim=16,
+        logit_scale_init_value=2.0,
+    )
+    torch.manual_seed(0)
+    model = transformers.CLIPModel(config).eval()
+    model.save_pretrained(folder)
+    transformers.CLIPTokenizer.from_pretrained(str(tokenizer_dir)).save_pretrained(folder)
+    size = CLIP_IMAGE_SIZE
+    transformers.CLIPImageProcessorPil(size=size, crop_size=size).save_pretrained(folder)
+    return model

@@ -8,8 +8,11 @@ Importing this package does not import torch (only reading pickled `.ckpt`/`.bin
 - `save_orbax(model, path)` / `load_orbax(path)`: one orbax checkpoint of all parameters.
 - `read_state_dict(path)`: a lazy `name -> float32 array` mapping from any weights file.
 - `load_component(folder, component, variant=None)`: one `unet/`, `vae/`, `text_encoder/` folder.
+- `load_clip_model(folder)` -> `CLIPModelBundle`: a whole transformers `CLIPModel` folder (both
+  towers, tokenizer, image preprocessing), e.g. openai/clip-vit-large-patch14 for CLIP score.
 """
 
+from ldm_jax.convert.clip_model import CLIPModelBundle, load_clip_model, preprocess_images
 from ldm_jax.convert.configs import UnsupportedConfigError
 from ldm_jax.convert.diffusers import (
     PretrainedModel,
@@ -27,6 +30,7 @@ from ldm_jax.convert.naming import flax_path_to_torch_key, torch_key_to_flax_pat
 from ldm_jax.convert.state_dict import CheckpointError, read_state_dict
 
 __all__ = [
+    "CLIPModelBundle",
     "CheckpointError",
     "PretrainedModel",
     "UnsupportedConfigError",
@@ -34,10 +38,12 @@ __all__ = [
     "detect_kind",
     "export_state_dict",
     "flax_path_to_torch_key",
+    "load_clip_model",
     "load_component",
     "load_orbax",
     "load_pretrained",
     "module_from_config",
+    "preprocess_images",
     "read_state_dict",
     "save_orbax",
     "save_pretrained",

@@ -131,6 +131,32 @@ CLIP_DEFAULTS: dict[str, Any] = {
 }
 
 
+CLIP_VISION_FIELDS = (
+    "image_size",
+    "patch_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "hidden_act",
+    "layer_norm_eps",
+)
+# transformers `CLIPVisionConfig` defaults (ViT-B/32), for configs that omit an option.
+CLIP_VISION_DEFAULTS: dict[str, Any] = {
+    "image_size": 224,
+    "patch_size": 32,
+    "hidden_size": 768,
+    "intermediate_size": 3072,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "hidden_act": "quick_gelu",
+    "layer_norm_eps": 1e-5,
+    "num_channels": 3,
+    "projection_dim": 512,
+}
+CLIP_MODEL_PROJECTION_DIM = 512  # transformers `CLIPConfig.projection_dim` default
+
+
 def _tuple(value):
     return tuple(value) if isinstance(value, list) else value
 
@@ -270,6 +296,72 @@ def clip_fields(config: dict) -> dict[str, Any]:
 
 def clip_from_config(config: dict, **overrides) -> CLIPTextTransformer:
     return CLIPTextTransformer(**{**clip_fields(config), **overrides})
+
+
+def clip_vision_fields(config: dict) -> dict[str, Any]:
+    """`CLIPVisionTransformer` fields from a transformers `CLIPVisionConfig` dict.
+
+    `CLIPVisionModelWithProjection` (in `architectures`) sets `projection_dim`. Options this
+    implementation lacks are errors: another activation, other than 3 input channels, and
+    non-square (list-valued) `image_size` / `patch_size`, which transformers' CLIP accepts in
+    its config but its embeddings cannot use either.
+    """
+    if config.get("model_type", "clip_vision_model") != "clip_vision_model":
+        raise UnsupportedConfigError(
+            f"vision config: model_type={config.get('model_type')!r}, expected 'clip_vision_model'"
+        )
+    fields = {k: config.get(k, CLIP_VISION_DEFAULTS[k]) for k in CLIP_VISION_FIELDS}
+    bad = []
+    if fields["hidden_act"] not in ("quick_gelu", "gelu"):
+        bad.append(f"hidden_act={fields['hidden_act']!r} (ldm_jax implements 'quick_gelu', 'gelu')")
+    for key in ("image_size", "patch_size"):
+        if not isinstance(fields[key], int) or isinstance(fields[key], bool):
+            bad.append(f"{key}={fields[key]!r} (ldm_jax implements one int: square)")
+    if config.get("num_channels", 3) != 3:
+        bad.append(f"num_channels={config['num_channels']!r} (ldm_jax implements 3: RGB)")
+    if fields["hidden_size"] % fields["num_attention_heads"]:
+        bad.append(
+            f"hidden_size={fields['hidden_size']} is not a multiple of "
+            f"num_attention_heads={fields['num_attention_heads']}"
+        )
+    if bad:
+        raise UnsupportedConfigError("vision config: unsupported options: " + ", ".join(bad))
+    architectures = config.get("architectures") or ["CLIPVisionModel"]
+    fields["projection_dim"] = (
+        config.get("projection_dim", CLIP_VISION_DEFAULTS["projection_dim"])
+        if architectures[0] == "CLIPVisionModelWithProjection"
+        else None
+    )
+    return fields
+
+
+def _clip_sub_config(config: dict, name: str, defaults: dict) -> dict:
+    """`text_config` / `vision_config` of a `CLIPConfig` dict as transformers reads it
+    (`CLIPConfig.__post_init__`): a legacy `<name>_dict` (openai/clip-vit-large-patch14 has
+    both) overrides every field of `<name>`, with the sub-config's default where it omits one."""
+    sub = dict(config.get(name) or {})
+    legacy = config.get(f"{name}_dict")
+    if legacy is not None:
+        sub.update({**defaults, **legacy})
+    return sub
+
+
+def clip_model_fields(config: dict) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(`CLIPTextTransformer` fields, `CLIPVisionTransformer` fields) from a transformers
+    `CLIPModel` config.json dict (`model_type` "clip"). Both towers get the model's
+    `projection_dim` (the sub-configs' own `projection_dim` is unused by `CLIPModel`)."""
+    if config.get("model_type") != "clip":
+        raise UnsupportedConfigError(
+            f"CLIP model config: model_type={config.get('model_type')!r}, expected 'clip' "
+            "(a transformers CLIPModel config.json with text_config and vision_config)"
+        )
+    projection_dim = config.get("projection_dim", CLIP_MODEL_PROJECTION_DIM)
+    text = _clip_sub_config(config, "text_config", CLIP_DEFAULTS)
+    text_fields = clip_fields({**text, "architectures": ["CLIPTextModelWithProjection"]})
+    vision = _clip_sub_config(config, "vision_config", CLIP_VISION_DEFAULTS)
+    vision_fields = clip_vision_fields({**vision, "architectures": None})
+    text_fields["projection_dim"] = vision_fields["projection_dim"] = projection_dim
+    return text_fields, vision_fields
 
 
 def clip_to_config(model: CLIPTextTransformer, base: dict | None = None) -> dict:

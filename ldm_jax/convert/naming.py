@@ -105,7 +105,8 @@ def _contiguous_float32(value: np.ndarray, block: int = 256) -> np.ndarray:
     5120 x 1280 kernel on the 2-core Xeon (the strided copy misses the cache on every element)."""
     value = np.asarray(value, dtype=np.float32)
     if value.ndim != 2 or value.flags.c_contiguous:
-        return np.ascontiguousarray(value)
+        # reshape: ascontiguousarray makes a 0-d array (CLIP's logit_scale) 1-d
+        return np.ascontiguousarray(value).reshape(value.shape)
     out = np.empty(value.shape, np.float32)
     for start in range(0, value.shape[1], block):
         out[:, start : start + block] = value[:, start : start + block]

@@ -94,11 +94,14 @@ class CLIPTokenizer:
         # Imported here: it costs seconds, and most users of ldm_jax never build this tokenizer.
         import transformers
 
-        if not os.path.isdir(path) or not os.path.exists(os.path.join(path, "vocab.json")):
+        # vocab.json + merges.txt (released checkpoints), or only tokenizer.json (what
+        # transformers 5's save_pretrained writes).
+        files = ("vocab.json", "tokenizer.json")
+        if not os.path.isdir(path) or not any(os.path.exists(os.path.join(path, f)) for f in files):
             raise FileNotFoundError(
                 f"CLIP tokenizer folder {path!r} not found or has no vocab.json (expected "
-                "vocab.json, "
-                "merges.txt and tokenizer_config.json, e.g. a diffusers checkpoint's tokenizer/)"
+                "vocab.json, merges.txt and tokenizer_config.json, or tokenizer.json, e.g. a "
+                "diffusers checkpoint's tokenizer/)"
             )
         # from_pretrained, not CLIPTokenizer(vocab_file=..., merges_file=...): in transformers 5 the
         # constructor silently yields a tokenizer that maps every word to one id.

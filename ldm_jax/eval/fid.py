@@ -412,16 +412,20 @@ def dataset_reference(config, extractor, *, split="test", num_images=None):
 
 
 def format_table(rows) -> str:
+    clip = any("clip_score" in r for r in rows)
     lines = [
-        "| sampler | steps | NFE | FID | KID x 1e3 | images | images/s |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| sampler | steps | NFE | FID | KID x 1e3 |"
+        + (" CLIP score |" if clip else "")
+        + " images | images/s |",
+        "|---|---:|---:|---:|---:|" + ("---:|" if clip else "") + "---:|---:|",
     ]
     for r in rows:
         kid = f"{1e3 * r['kid']:.2f} ± {1e3 * r['kid_std']:.2f}" if "kid" in r else "-"
-        lines.append(
-            f"| {r['sampler']} | {r['steps']} | {r['nfe']} | {r['fid']:.2f} | {kid} | "
-            f"{r['num_images']} | {r['images_per_sec']:.1f} |"
-        )
+        cells = [r["sampler"], r["steps"], r["nfe"], f"{r['fid']:.2f}", kid]
+        if clip:
+            cells.append(f"{r['clip_score']:.2f}" if "clip_score" in r else "-")
+        cells += [r["num_images"], f"{r['images_per_sec']:.1f}"]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines)
 
 
@@ -437,12 +441,15 @@ def evaluate_samplers(
     seed: int = 0,
     batch_size: int = 64,
     kid_subset_size: int = 1000,
+    clip_scorer=None,
     out_dir=None,
 ) -> dict:
     """FID (and KID) of `ldm`'s samples for each (sampler, num_steps) in `runs`, one image per
     prompt, image i from seed `seed + i` in every run (paired: the runs differ only by sampler).
     Rows carry the NFE (`samplers.network_evaluations`) so that samplers compare at equal cost.
-    With `out_dir`: results.json, table.md and a grid of each run's first 32 images."""
+    With `clip_scorer` (an `ldm_jax.eval.clip_score.ClipScorer`) each row also has the mean CLIP
+    score of the samples against their prompts. With `out_dir`: results.json, table.md and a grid
+    of each run's first 32 images."""
     from ldm_jax.diffusion.samplers import network_evaluations
     from ldm_jax.pipeline import generate
     from ldm_jax.train.images import make_grid, save_png
@@ -470,6 +477,10 @@ def evaluate_samplers(
         stats, features = feature_statistics(extractor, images)
         row = dict(sampler=sampler, steps=steps, nfe=nfe, guidance=float(guidance_scale))
         row.update(scores(stats, features, reference, kid_subset_size=kid_subset_size, seed=seed))
+        if clip_scorer is not None:
+            from ldm_jax.eval.clip_score import summarize
+
+            row.update(summarize(clip_scorer.scores(images, prompts)))
         row["images_per_sec"] = len(images) / seconds
         rows.append(row)
         logging.info("%s %d steps (NFE %d): FID %.3f", sampler, steps, nfe, row["fid"])

@@ -1,5 +1,5 @@
-"""CLIP text encoder (Radford et al. 2021), laid out like transformers' `CLIPTextModel` /
-`CLIPTextModelWithProjection`.
+"""CLIP (Radford et al. 2021) text and image towers, laid out like transformers' `CLIPTextModel` /
+`CLIPTextModelWithProjection` and `CLIPVisionModel` / `CLIPVisionModelWithProjection`.
 
 `CLIPTextTransformer` holds what transformers stores under `text_model.` in checkpoints
 (`text_model.encoder.layers.3.self_attn.q_proj.weight` -> `encoder/layers_3/self_attn/q_proj/kernel`;
@@ -7,6 +7,12 @@ transformers 5 itself drops the `text_model.` prefix for `CLIPTextModel`), plus 
 when `projection_dim` is set (SDXL's second encoder). The same class serves OpenAI's ViT-L/14
 (SD1.x), OpenCLIP ViT-H/14 (SD2.x, penultimate layer: 23 of 24 layers kept, as diffusers ships it)
 and OpenCLIP ViT-bigG/14 (SDXL).
+
+`CLIPVisionTransformer` is the image tower (`vision_model.` in a `CLIPModel` checkpoint, plus
+`visual_projection`): a ViT (Dosovitskiy et al. 2021) over non-overlapping patches with a class
+token, built from the same `CLIPEncoder` as the text tower without the causal mask. With both
+towers' projections, cosine(text_embeds, image_embeds) is the CLIP similarity behind CLIP score
+(Hessel et al. 2021); `ldm_jax.convert.clip_model` loads a whole transformers `CLIPModel` folder.
 """
 
 from __future__ import annotations
@@ -133,7 +139,11 @@ class CLIPTextEmbeddings(nn.Module):
 
 
 class CLIPEncoder(nn.Module):
-    """`num_layers` CLIPEncoderLayers (`layers_0` ...). Returns (input, layer_1 out, ..., layer_N out)."""
+    """`num_layers` CLIPEncoderLayers (`layers_0` ...). Returns (input, layer_1 out, ...,
+    layer_N out).
+
+    mask: bool [B or 1, 1, L, L], True = attend (the text tower's causal mask), or None for
+    full bidirectional attention (the image tower)."""
 
     num_layers: int
     hidden_size: int
@@ -275,6 +285,131 @@ def sdxl_prompt_hidden_state(output: CLIPTextOutput, clip_skip: int | None = Non
     return output.hidden_states[-index]
 
 
+@flax.struct.dataclass
+class CLIPVisionOutput:
+    """last_hidden_state: [B, 1 + num_patches, hidden], the last layer's output (class token
+    first, no final LN, as transformers returns it); pooled_output: [B, hidden] =
+    post_layernorm(class token); image_embeds: [B, projection_dim] =
+    visual_projection(pooled_output) (transformers `get_image_features`), or None;
+    hidden_states: (embeddings after pre_layrnorm, layer_1, ..., layer_N), or None."""
+
+    last_hidden_state: jax.Array
+    pooled_output: jax.Array
+    image_embeds: jax.Array | None = None
+    hidden_states: tuple[jax.Array, ...] | None = None
+
+
+class CLIPVisionEmbeddings(nn.Module):
+    """transformers `CLIPVisionEmbeddings`: [class_embedding, patch_embedding(patches)] +
+    position_embedding(0..num_patches). float32[B, H, W, C] -> [B, 1 + num_patches, hidden].
+
+    Patches are taken row-major (as PyTorch's `flatten(2)` of the NCHW conv output), so position
+    i + 1 is patch (i // grid, i % grid). Only the trained resolution is accepted: transformers'
+    `interpolate_pos_encoding` (bicubic resampling of the position table) is not implemented."""
+
+    image_size: int
+    patch_size: int
+    hidden_size: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, pixel_values: jax.Array) -> jax.Array:
+        b, height, width, _ = pixel_values.shape
+        if (height, width) != (self.image_size, self.image_size):
+            raise ValueError(
+                f"input image size {height}x{width} does not match the model's "
+                f"{self.image_size}x{self.image_size} (resize first: preprocess_images)"
+            )
+        p = self.patch_size
+        patches = nn.Conv(
+            self.hidden_size,
+            (p, p),
+            strides=(p, p),
+            padding="VALID",  # floor(image_size / patch_size) patches per side, as PyTorch
+            use_bias=False,
+            dtype=self.dtype,
+            param_dtype=PARAM_DTYPE,
+            name="patch_embedding",
+        )(pixel_values)
+        patches = patches.reshape(b, -1, self.hidden_size)
+        class_embedding = self.param(
+            "class_embedding", nn.initializers.normal(1.0), (self.hidden_size,), PARAM_DTYPE
+        )
+        cls = jnp.broadcast_to(class_embedding.astype(patches.dtype), (b, 1, self.hidden_size))
+        num_positions = (self.image_size // p) ** 2 + 1
+        positions = nn.Embed(
+            num_positions,
+            self.hidden_size,
+            dtype=self.dtype,
+            param_dtype=PARAM_DTYPE,
+            name="position_embedding",
+        )(jnp.arange(num_positions))
+        return jnp.concatenate([cls, patches], axis=1) + positions[None]
+
+
+class CLIPVisionTransformer(nn.Module):
+    """The CLIP image tower (transformers `CLIPVisionModel`, `vision_model.` in checkpoints):
+    embeddings -> pre_layrnorm (sic, transformers' name) -> bidirectional pre-LN encoder ->
+    post_layernorm of the class token -> optional visual_projection (no bias).
+
+    Defaults are OpenAI's ViT-L/14 at 224 px without the projection (`CLIP_VISION_VARIANTS`)."""
+
+    image_size: int = 224
+    patch_size: int = 14
+    hidden_size: int = 1024
+    intermediate_size: int = 4096
+    num_hidden_layers: int = 24
+    num_attention_heads: int = 16
+    hidden_act: str = "quick_gelu"
+    layer_norm_eps: float = 1e-5
+    projection_dim: int | None = None  # set -> visual_projection, CLIPVisionModelWithProjection
+    attention_implementation: str | None = None
+    dtype: Dtype = jnp.float32
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    @nn.compact
+    def __call__(
+        self, pixel_values: jax.Array, output_hidden_states: bool = False
+    ) -> CLIPVisionOutput:
+        """pixel_values: float32[B, image_size, image_size, 3], already resized, rescaled and
+        normalized with the CLIP mean/std (`ldm_jax.convert.clip_model.preprocess_images`).
+        Returns a `CLIPVisionOutput`."""
+        ln = lambda name: nn.LayerNorm(
+            epsilon=self.layer_norm_eps, dtype=self.dtype, param_dtype=PARAM_DTYPE, name=name
+        )
+        h = CLIPVisionEmbeddings(
+            self.image_size, self.patch_size, self.hidden_size, self.dtype, name="embeddings"
+        )(pixel_values)
+        h = constrain(ln("pre_layrnorm")(h), ("batch", None, None))
+        hidden_states = CLIPEncoder(
+            self.num_hidden_layers,
+            self.hidden_size,
+            self.intermediate_size,
+            self.num_attention_heads,
+            self.hidden_act,
+            self.layer_norm_eps,
+            self.attention_implementation,
+            self.dtype,
+            name="encoder",
+        )(h, None)  # no mask: every token attends to every token
+        last = hidden_states[-1]
+        pooled = ln("post_layernorm")(last[:, 0])
+        image_embeds = None
+        if self.projection_dim is not None:
+            project = dense(self.projection_dim, self.dtype, "visual_projection", False)
+            image_embeds = project(pooled).astype(jnp.float32)
+        f32 = lambda x: x.astype(jnp.float32)
+        return CLIPVisionOutput(
+            last_hidden_state=f32(last),
+            pooled_output=f32(pooled),
+            image_embeds=image_embeds,
+            hidden_states=tuple(map(f32, hidden_states)) if output_hidden_states else None,
+        )
+
+
 # Field dicts of the text encoders of the SD family (transformers `CLIPTextConfig` names).
 CLIP_VARIANTS: dict[str, dict[str, Any]] = {
     # openai/clip-vit-large-patch14 (SD1.x): 123,060,480 parameters.
@@ -318,3 +453,35 @@ CLIP_VARIANTS: dict[str, dict[str, Any]] = {
 
 def clip_from_variant(name: str, **overrides) -> CLIPTextTransformer:
     return CLIPTextTransformer(**{**CLIP_VARIANTS[name], **overrides})
+
+
+# Field dicts of image towers (transformers `CLIPVisionConfig` names).
+CLIP_VISION_VARIANTS: dict[str, dict[str, Any]] = {
+    # openai/clip-vit-large-patch14 with visual_projection (the CLIP of SD1.x's text encoder and
+    # of CLIP score): 303,966,208 parameters (303,179,776 without the projection).
+    "vit-l-14": {
+        "image_size": 224,
+        "patch_size": 14,
+        "hidden_size": 1024,
+        "intermediate_size": 4096,
+        "num_hidden_layers": 24,
+        "num_attention_heads": 16,
+        "hidden_act": "quick_gelu",
+        "projection_dim": 768,
+    },
+    # For tests: 32 px images, 4 x 4 patches of 8 px.
+    "tiny": {
+        "image_size": 32,
+        "patch_size": 8,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "hidden_act": "quick_gelu",
+        "projection_dim": 16,
+    },
+}
+
+
+def clip_vision_from_variant(name: str, **overrides) -> CLIPVisionTransformer:
+    return CLIPVisionTransformer(**{**CLIP_VISION_VARIANTS[name], **overrides})
