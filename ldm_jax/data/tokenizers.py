@@ -1,15 +1,13 @@
 """Text tokenizers with one small interface: `tok(texts) -> int32[batch, context_length]`.
 
-Each has `vocab_size`, `context_length`, `pad_token_id`, `bos_token_id`, `eos_token_id`. A sequence
-is
-`[bos] + tokens + [eos]`, then `pad` up to `context_length`; a prompt longer than the context keeps
-its
-first tokens and ends with `eos` (as CLIP does), and a warning on the `ldm_jax` logger says so.
+Each has `vocab_size`, `context_length`, `pad_token_id`, `bos_token_id`, `eos_token_id`. A
+sequence is `[bos] + tokens + [eos]`, then `pad` up to `context_length`; a prompt longer than the
+context keeps its first tokens and ends with `eos` (as CLIP does), and a warning on the `ldm_jax`
+logger says so.
 
 - `ByteTokenizer`: UTF-8 bytes; needs no files (the embedded `shapes` dataset, tests).
 - `CLIPTokenizer`: OpenAI CLIP's BPE, through `transformers` (imported only when one is built),
-from a
-  local folder such as a diffusers checkpoint's `tokenizer/`.
+  from a local folder such as a diffusers checkpoint's `tokenizer/`.
 """
 
 import logging
@@ -42,8 +40,8 @@ def _pack(
 
 
 def _check_texts(texts: Sequence[str]) -> list[str]:
-    # A bare string is a Sequence[str] too; tokenizing it character by character would be a silent
-    # bug.
+    # A bare string is a Sequence[str] too; tokenizing it character by character would be a
+    # silent bug.
     if isinstance(texts, str):
         raise TypeError(
             "texts must be a sequence of strings, not a single string; wrap it in a list"
