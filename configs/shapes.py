@@ -13,7 +13,7 @@ Expected (2-core CPU, see README): color+shape adherence >= 80% at guidance 4, 2
 
 import ml_collections
 
-STAGES = ("autoencoder", "ldm")
+STAGES = ("autoencoder", "ldm", "distill")
 OPTIONS = ("smoke", "64")
 
 
@@ -161,6 +161,18 @@ def get_config(arg=None):
     )
     c.wandb = dict(mode="offline", project="ldm_jax", entity="")  # mode "disabled" to turn off
 
+    if stage == "distill":
+        # Progressive distillation (ldm_jax/train/distill.py): one round, 2N teacher DDIM steps
+        # -> N student steps; the student is sampled without guidance (it is distilled in).
+        # student_steps is also the sample grid's step count: one FieldReference, set either.
+        steps = ml_collections.FieldReference(4)
+        c.distill = dict(teacher_workdir="", student_steps=steps, guidance_scale=4.0)
+        c.optimizer.update(learning_rate=3e-4, warmup_steps=50, lr_schedule="constant")
+        c.num_train_steps = 1000
+        c.ema_decay = 0.99
+        c.sample.update(guidance_scale=1.0, sampler_options={"timestep_spacing": "trailing"})
+        c.sample.num_steps = steps
+
     if smoke:
         c.data.config_name = "smoke"
         c.data.image_size = 32
@@ -177,6 +189,9 @@ def get_config(arg=None):
         c.checkpoint_every = 3
         c.sample_every = 6
         c.sample.prompts = ("a red circle", "a blue square")
-        c.sample.num_steps = 3
+        if stage == "distill":
+            c.distill.student_steps = 2  # and so sample.num_steps
+        else:
+            c.sample.num_steps = 3
         c.wandb.mode = "disabled"
     return c

@@ -42,8 +42,12 @@ def _train(args, overrides):
         from ldm_jax.train.ldm import train_and_evaluate
     elif config.stage == "finetune":
         from ldm_jax.train.finetune import train_and_evaluate
+    elif config.stage == "distill":
+        from ldm_jax.train.distill import train_and_evaluate
     else:
-        raise ValueError(f"unknown stage {config.stage!r}; valid: autoencoder, ldm, finetune")
+        raise ValueError(
+            f"unknown stage {config.stage!r}; valid: autoencoder, ldm, finetune, distill"
+        )
     start = time.perf_counter()
     train_and_evaluate(config, args.workdir)
     log.info(

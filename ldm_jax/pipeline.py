@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import pathlib
 from collections.abc import Sequence
 from typing import Any
@@ -33,6 +34,8 @@ from ldm_jax.diffusion.schedules import NoiseSchedule, schedule_from_config
 from ldm_jax.models.clip import CLIPTextTransformer
 from ldm_jax.models.unet import UNet2DConditionModel
 from ldm_jax.models.vae import AutoencoderKL
+
+log = logging.getLogger("ldm_jax")
 
 
 class NoCheckpointError(FileNotFoundError):
@@ -140,14 +143,17 @@ def load_from_workdir(workdir: str | pathlib.Path, step: int | None = None) -> L
             f"`ldm-jax train --config configs/shapes.py --workdir {workdir}`"
         )
     config = read_config(workdir / "config.json")
-    if config.stage != "ldm":
-        raise ValueError(f"{workdir} holds a {config.stage!r} run; sampling needs an 'ldm' run")
+    if config.stage not in ("ldm", "distill"):
+        raise ValueError(
+            f"{workdir} holds a {config.stage!r} run; sampling needs an 'ldm' or 'distill' run"
+        )
     checkpointer = Checkpointer(workdir, read_only=True)
     step = checkpointer.latest_step() if step is None else step
     if step is None:
         raise NoCheckpointError(f"no checkpoint in {workdir / 'checkpoints'}")
     state = checkpointer.restore_raw(step)
-    return LatentDiffusion.from_config(config, params=state["ema_params"], frozen=state["frozen"])
+    frozen = {k: v for k, v in state["frozen"].items() if k != "teacher"}  # a distill run's
+    return LatentDiffusion.from_config(config, params=state["ema_params"], frozen=frozen)
 
 
 def encode_prompts(ldm: LatentDiffusion, prompts: Sequence[str]) -> np.ndarray:
@@ -260,7 +266,18 @@ def generate(
         size = ldm.config.data.image_size
         init = sd_pipeline.images_per_prompt(init_image, n, size, size, per="image")
         arrays = [init.astype(np.float32)]
-    options = tuple(sorted((sampler_options or {}).items()))
+    options = dict(sampler_options or {})
+    if sampler == ldm.config.sample.sampler:  # the run's own defaults (a student's DDIM grid)
+        options = {**dict(ldm.config.sample.get("sampler_options", None) or {}), **options}
+    student_steps = ldm.config.distill.student_steps if ldm.config.stage == "distill" else None
+    if student_steps is not None and (sampler, num_steps) != ("ddim", student_steps):
+        log.warning(
+            "this student was distilled for %d DDIM steps, not %s at %d steps",
+            student_steps,
+            sampler,
+            num_steps,
+        )
+    options = tuple(sorted(options.items()))
     fn = _sample_fn(ldm, sampler, num_steps, options, start_step)
     cond_ids = ldm.tokenizer(list(prompts))
     uncond_ids = ldm.tokenizer(negative_prompts)

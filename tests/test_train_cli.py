@@ -554,3 +554,41 @@ def test_eval_fid_cli(trained, data_dir, tmp_path, capsys, monkeypatch, clip_tok
     monkeypatch.delenv("LDM_JAX_INCEPTION_WEIGHTS", raising=False)
     code = cli.main(["eval", "fid", "--images", str(folder), "--reference", str(from_images)])
     assert code == 2 and "--inception-weights" in capsys.readouterr().err
+
+
+def test_progressive_distillation_rounds(trained, data_dir, tmp_path, capsys, caplog):
+    """Two rounds on the smoke model (2N = 4 -> 2 -> 1 DDIM steps), sampling the student with
+    its own defaults, resuming, and the teachers a round refuses."""
+    ae, lat = trained
+    first, second = tmp_path / "student_2", tmp_path / "student_1"
+    teacher = lambda path: f"--config.distill.teacher_workdir={path}"
+    assert cli.main(train_args("distill,smoke", first, data_dir, teacher(lat))) == 0
+    losses = [m["loss"] for m in _metrics(first) if "loss" in m]
+    assert losses and all(np.isfinite(losses))
+    # A rerun resumes at the end (nothing to do) instead of starting over.
+    with caplog.at_level(logging.INFO, logger="ldm_jax"):
+        assert cli.main(train_args("distill,smoke", first, data_dir, teacher(lat))) == 0
+    assert "resumed from" in caplog.text
+    steps = "--config.distill.student_steps=1"
+    assert cli.main(train_args("distill,smoke", second, data_dir, teacher(first), steps)) == 0
+
+    out = tmp_path / "samples"
+    args = ["sample", "--workdir", str(second), "--prompt", "a red circle", "--num-images", "2"]
+    assert cli.main([*args, "--steps", "1", "--guidance-scale", "1", "--out", str(out)]) == 0
+    assert len(list(out.glob("0*.png"))) == 2
+    student = pipeline.load_from_workdir(second)
+    assert "teacher" not in student.frozen  # sampling carries only the VAE and the latent scale
+    assert student.config.sample.num_steps == 1
+    assert dict(student.config.sample.sampler_options) == {"timestep_spacing": "trailing"}
+
+    capsys.readouterr()
+    wrong = [  # (teacher, extra overrides, what the error names)
+        (first, "--config.distill.student_steps=2", "samples 2 steps; its student takes half"),
+        (ae, steps, "holds a 'autoencoder' run"),
+        (lat, "--config.distill.student_steps=8", "does not split the 8-step one in two"),
+    ]
+    for path, extra, message in wrong:
+        code = cli.main(
+            train_args("distill,smoke", tmp_path / "bad", data_dir, teacher(path), extra)
+        )
+        assert code == 2 and message in capsys.readouterr().err, message

@@ -84,18 +84,32 @@ def encode_dataset(vae, vae_params, images: np.ndarray, batch_size: int = 256):
     return np.concatenate(means), np.concatenate(stds)
 
 
+def sample_latents(batch, frozen, rng) -> jax.Array:
+    """z ~ N(mean, std^2) of the batch's posteriors, times the latent scale: f32[B, h, w, c]."""
+    mean = batch["latent_mean"]
+    return (mean + batch["latent_std"] * rng_lib.normal(rng, mean.shape)) * frozen["latent_scale"]
+
+
+def caption_ids(config, batch, k_cap, k_drop=None, empty_ids=None) -> jax.Array:
+    """Each example's canonical caption with probability config.canonical_caption_prob, else
+    its other caption; with k_drop, replaced by the empty prompt with probability p_uncond."""
+    b = batch["caption_ids"].shape[0]
+    canonical = jax.random.bernoulli(k_cap, config.canonical_caption_prob, (b, 1))
+    ids = jnp.where(canonical, batch["canonical_ids"], batch["caption_ids"])
+    if k_drop is not None:
+        drop = jax.random.bernoulli(k_drop, config.p_uncond, (b, 1))
+        ids = jnp.where(drop, jnp.asarray(empty_ids)[None], ids)
+    return ids
+
+
 def make_loss_fn(ldm: LatentDiffusion, config, empty_ids: np.ndarray):
     schedule, prediction_type = ldm.schedule, config.diffusion.prediction_type
 
     def loss_fn(params, frozen, batch, rng):
         k_z, k_cap, k_drop, k_t, k_eps = jax.random.split(rng, 5)
-        mean = batch["latent_mean"]
-        b = mean.shape[0]
-        z = (mean + batch["latent_std"] * rng_lib.normal(k_z, mean.shape)) * frozen["latent_scale"]
-        canonical = jax.random.bernoulli(k_cap, config.canonical_caption_prob, (b, 1))
-        ids = jnp.where(canonical, batch["canonical_ids"], batch["caption_ids"])
-        drop = jax.random.bernoulli(k_drop, config.p_uncond, (b, 1))
-        ids = jnp.where(drop, jnp.asarray(empty_ids)[None], ids)
+        z = sample_latents(batch, frozen, k_z)
+        b = z.shape[0]
+        ids = caption_ids(config, batch, k_cap, k_drop, empty_ids)
         context = ldm.text_encoder.apply(params["text_encoder"], ids).last_hidden_state
         t = jax.random.randint(k_t, (b,), 0, schedule.num_train_timesteps)
         noise = rng_lib.normal(k_eps, z.shape)
@@ -113,24 +127,51 @@ def make_loss_fn(ldm: LatentDiffusion, config, empty_ids: np.ndarray):
     return loss_fn
 
 
+def training_arrays(config, ldm: LatentDiffusion, vae_params) -> dict:
+    """What a step of this stage (or of distillation) reads: the posterior (mean, std) of every
+    training image under the frozen VAE and both captions' token ids, computed here or read
+    from `ldm-jax encode`'s output."""
+    if config.data.get("precomputed_latents_dir"):
+        return latents_lib.load(config, vae_params)
+    data = load_dataset(config)
+    latent_mean, latent_std = encode_dataset(ldm.vae, vae_params, data["image"])
+    canonical = data.get("canonical_caption", data["caption"])  # shapes has two captions
+    return {
+        "latent_mean": latent_mean,
+        "latent_std": latent_std,
+        "caption_ids": ldm.tokenizer(list(data["caption"])),
+        "canonical_ids": ldm.tokenizer(list(canonical)),
+    }
+
+
+def sample_grid_fn(ldm: LatentDiffusion, config, workdir: pathlib.Path):
+    """on_sample(step, state) for `loop.run`: a grid of config.sample.prompts, EMA weights."""
+    prompts = list(config.sample.prompts)
+
+    def on_sample(step, state):
+        ldm.params, ldm.frozen = state.ema_params, state.frozen
+        images = generate(
+            ldm,
+            prompts,
+            seeds=list(range(len(prompts))),
+            guidance_scale=config.sample.guidance_scale,
+            num_steps=config.sample.num_steps,
+            sampler=config.sample.sampler,
+            batch_size=len(prompts),
+        )
+        grid = image_lib.make_grid(images, ncols=len(prompts))
+        return image_lib.save_png(grid, workdir / "samples" / f"step_{step:06d}.png", 4)
+
+    return on_sample
+
+
 def train_and_evaluate(config, workdir: str | pathlib.Path) -> loop.TrainState:
     workdir = pathlib.Path(workdir)
     ldm = LatentDiffusion.from_config(config)
     vae_params = load_autoencoder(config)
 
     # --- Data: latents and token ids, computed once here or read from `ldm-jax encode`. ---
-    if config.data.get("precomputed_latents_dir"):
-        arrays = latents_lib.load(config, vae_params)
-    else:
-        data = load_dataset(config)
-        latent_mean, latent_std = encode_dataset(ldm.vae, vae_params, data["image"])
-        canonical = data.get("canonical_caption", data["caption"])  # shapes has two captions
-        arrays = {
-            "latent_mean": latent_mean,
-            "latent_std": latent_std,
-            "caption_ids": ldm.tokenizer(list(data["caption"])),
-            "canonical_ids": ldm.tokenizer(list(canonical)),
-        }
+    arrays = training_arrays(config, ldm, vae_params)
     latent_scale = latents_lib.latent_scale(
         arrays["latent_mean"], arrays["latent_std"], config.seed
     )
@@ -153,23 +194,6 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> loop.TrainState:
             {"unet": unet_params, "text_encoder": text_params}, optimizer, frozen
         )
 
-    # --- Sample grid of fixed prompts with the EMA weights. ---
-    prompts = list(config.sample.prompts)
-
-    def on_sample(step, state):
-        ldm.params, ldm.frozen = state.ema_params, state.frozen
-        images = generate(
-            ldm,
-            prompts,
-            seeds=list(range(len(prompts))),
-            guidance_scale=config.sample.guidance_scale,
-            num_steps=config.sample.num_steps,
-            sampler=config.sample.sampler,
-            batch_size=len(prompts),
-        )
-        grid = image_lib.make_grid(images, ncols=len(prompts))
-        return image_lib.save_png(grid, workdir / "samples" / f"step_{step:06d}.png", 4)
-
     return loop.run(
         config,
         workdir,
@@ -177,5 +201,5 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> loop.TrainState:
         loss_fn=make_loss_fn(ldm, config, empty_ids),
         batches=batches,
         signature=signature(config),
-        on_sample=on_sample,
+        on_sample=sample_grid_fn(ldm, config, workdir),
     )
