@@ -69,7 +69,7 @@ def _sample(args, overrides):
         args.prompt = args.prompt + [line for line in path.read_text().splitlines() if line.strip()]
     if not args.prompt:
         raise ValueError("give at least one --prompt (or a --prompt-file)")
-    if args.num_images < 1 or args.steps < 1:
+    if args.num_images < 1 or (args.steps is not None and args.steps < 1):
         raise ValueError(
             f"--num-images and --steps must be >= 1, got {args.num_images}, {args.steps}"
         )
@@ -107,8 +107,14 @@ def _sample(args, overrides):
         raise FileNotFoundError(f"--init-image {args.init_image}: no such file")
     strength = 0.8 if args.strength is None else args.strength  # diffusers' img2img default
     sampler = args.sampler or "ddim"
-    guidance_scale = 4.0 if args.guidance_scale is None else args.guidance_scale
     ldm = pipeline.load_from_workdir(args.workdir)
+    # Defaults from the run's own sample settings (shapes: 25 steps, guidance 4; a distilled
+    # student: its step count, guidance 1).
+    guidance_scale = args.guidance_scale
+    if guidance_scale is None:
+        guidance_scale = ldm.config.sample.guidance_scale
+    if args.steps is None:
+        args.steps = ldm.config.sample.num_steps
     prompts, negative_prompts, seeds = [], [], []
     for prompt, negative in zip(args.prompt, negatives):
         for _ in range(args.num_images):
@@ -185,6 +191,8 @@ def _sample_pretrained(args, negatives, sampler_options):
     )
     sampler = sd_pipeline.resolve_sampler(sd.model.scheduler_config, args.sampler)[0]
     guidance_scale = 7.5 if args.guidance_scale is None else args.guidance_scale
+    if args.steps is None:
+        args.steps = 25
     start = time.perf_counter()
     images = sd_pipeline.generate(
         sd,
@@ -468,7 +476,13 @@ def _add_sampling_args(
     p, steps=25, workdir_required=True, sampler_default="ddim", batch_default: int | None = 32
 ):
     p.add_argument("--workdir", required=workdir_required, help="an `ldm` training run")
-    p.add_argument("--steps", type=int, default=steps, help="denoising steps (network calls)")
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=steps,
+        help="denoising steps"
+        + ("" if steps else " (default: the run's config.sample.num_steps; 25 pretrained)"),
+    )
     p.add_argument(
         "--sampler",
         default=sampler_default,
@@ -498,7 +512,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "sample", help="text-to-image with a model trained here or a pretrained checkpoint"
     )
-    _add_sampling_args(p, workdir_required=False, sampler_default=None, batch_default=None)
+    _add_sampling_args(
+        p, steps=None, workdir_required=False, sampler_default=None, batch_default=None
+    )
     p.add_argument(
         "--pretrained",
         help="a diffusers folder or a single-file checkpoint (.safetensors / .ckpt) of SD 1.x, "
@@ -524,7 +540,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="a sampler option in diffusers' vocabulary, e.g. eta=0.5 or use_karras_sigmas=True",
     )
     p.add_argument(
-        "--guidance-scale", type=float, help="default 4 for --workdir, 7.5 for --pretrained"
+        "--guidance-scale",
+        type=float,
+        help="default: the run's config.sample.guidance_scale (shapes 4, a distilled student 1); "
+        "7.5 for --pretrained",
     )
     p.add_argument("--guidance-rescale", type=float, default=0.0, help="Lin et al. 2024 phi")
     p.add_argument("--height", type=int, help="pixels (default: the checkpoint's)")

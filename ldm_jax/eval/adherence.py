@@ -264,6 +264,7 @@ def evaluate(
     num_per_prompt: int = 8,
     num_steps: int = 25,
     sampler: str = "ddim",
+    sampler_options: dict | None = None,
     seed: int = 0,
     batch_size: int = 64,
     num_canonical: int = 24,
@@ -293,6 +294,7 @@ def evaluate(
             guidance_scale=scale,
             num_steps=num_steps,
             sampler=sampler,
+            sampler_options=sampler_options,
             batch_size=batch_size,
         )
         seconds = time.perf_counter() - start
@@ -314,6 +316,7 @@ def evaluate(
             num_per_prompt=num_per_prompt,
             num_steps=num_steps,
             sampler=sampler,
+            sampler_options=sampler_options or {},
             seed=seed,
             num_canonical=num_canonical,
         )
