@@ -6,6 +6,12 @@ Two stages, each one command (this is what `make demo` runs):
   ldm-jax train --config configs/shapes.py:ldm --workdir runs/shapes/ldm \
       --config.autoencoder_workdir=runs/shapes/autoencoder
 
+A third, optional stage distills the ldm model to fewer steps (one round per command; see
+ldm_jax/train/distill.py and experiments/distillation/):
+
+  ldm-jax train --config configs/shapes.py:distill --workdir runs/shapes/student_4 \
+      --config.distill.teacher_workdir=runs/shapes/ldm --config.distill.student_steps=4
+
 Append `,smoke` to the argument (`configs/shapes.py:ldm,smoke`) for a run of seconds on a CPU with
 tiny widths and the 512-example `smoke` split; the tests use it. `,64` selects 64x64 images.
 Expected (2-core CPU, see README): color+shape adherence >= 80% at guidance 4, 25 DDIM steps.

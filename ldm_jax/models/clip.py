@@ -172,6 +172,22 @@ class CLIPEncoder(nn.Module):
         return tuple(hidden_states)
 
 
+def _encoder(tower) -> CLIPEncoder:
+    """The `encoder` submodule of a text or image tower, from the fields both name alike (call
+    inside the tower's compact __call__)."""
+    return CLIPEncoder(
+        tower.num_hidden_layers,
+        tower.hidden_size,
+        tower.intermediate_size,
+        tower.num_attention_heads,
+        tower.hidden_act,
+        tower.layer_norm_eps,
+        tower.attention_implementation,
+        tower.dtype,
+        name="encoder",
+    )
+
+
 class CLIPTextTransformer(nn.Module):
     """The CLIP text tower: causal (GPT-style) pre-LN transformer over BPE tokens.
 
@@ -234,17 +250,7 @@ class CLIPTextTransformer(nn.Module):
         mask = jnp.tril(jnp.ones((length, length), bool))[None, None]
         if attention_mask is not None:
             mask = mask & (attention_mask[:, None, None, :] > 0)
-        hidden_states = CLIPEncoder(
-            self.num_hidden_layers,
-            self.hidden_size,
-            self.intermediate_size,
-            self.num_attention_heads,
-            self.hidden_act,
-            self.layer_norm_eps,
-            self.attention_implementation,
-            self.dtype,
-            name="encoder",
-        )(h, mask)
+        hidden_states = _encoder(self)(h, mask)
         final_layer_norm = nn.LayerNorm(
             epsilon=self.layer_norm_eps,
             dtype=self.dtype,
@@ -384,17 +390,7 @@ class CLIPVisionTransformer(nn.Module):
             self.image_size, self.patch_size, self.hidden_size, self.dtype, name="embeddings"
         )(pixel_values)
         h = constrain(ln("pre_layrnorm")(h), ("batch", None, None))
-        hidden_states = CLIPEncoder(
-            self.num_hidden_layers,
-            self.hidden_size,
-            self.intermediate_size,
-            self.num_attention_heads,
-            self.hidden_act,
-            self.layer_norm_eps,
-            self.attention_implementation,
-            self.dtype,
-            name="encoder",
-        )(h, None)  # no mask: every token attends to every token
+        hidden_states = _encoder(self)(h, None)  # no mask: every token attends to every token
         last = hidden_states[-1]
         pooled = ln("post_layernorm")(last[:, 0])
         image_embeds = None
