@@ -324,8 +324,12 @@ def _eval_fid(args, overrides):
     from ldm_jax import pipeline
 
     ldm = pipeline.load_from_workdir(args.workdir)
+    # The prompts are the split's captions; its images are the reference unless --reference.
     made, prompts = fid.dataset_reference(
-        ldm.config, extractor, split=args.split, num_images=args.num_images
+        ldm.config,
+        None if reference else extractor,
+        split=args.split,
+        num_images=args.num_images,
     )
     reference = reference or made
     out = pathlib.Path(args.out) if args.out else pathlib.Path(args.workdir) / "fid"

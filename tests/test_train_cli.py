@@ -513,6 +513,15 @@ def test_eval_fid_cli(trained, data_dir, tmp_path, capsys, monkeypatch, clip_tok
     result = json.loads(printed[printed.index("{") :])
     assert abs(result["fid"]) < 1e-6 * (1 + float(np.trace(a["sigma"])))
 
+    # --reference with --workdir: the split's captions as prompts, the file as the reference;
+    # the same FID as the reference computed in the run from the same 12 images.
+    by_run = ["eval", "fid", "--workdir", str(lat), "--num-images", "12", "--steps", "2", *common]
+    fids = []
+    for extra in ([], ["--reference", str(from_config)]):
+        assert cli.main([*by_run, *extra, "--out", str(tmp_path / f"fid{len(fids)}")]) == 0
+        fids.append(json.loads((tmp_path / f"fid{len(fids)}" / "results.json").read_text()))
+    assert fids[0]["rows"][0]["fid"] == pytest.approx(fids[1]["rows"][0]["fid"], rel=1e-6)
+
     # Samples of `sample --prompt-file` (one prompt per line) against the reference.
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red circle\n\na blue square\na green triangle\n")
@@ -593,3 +602,8 @@ def test_progressive_distillation_rounds(trained, data_dir, tmp_path, capsys, ca
             train_args("distill,smoke", tmp_path / "bad", data_dir, teacher(path), extra)
         )
         assert code == 2 and message in capsys.readouterr().err, message
+    # A student may not write into its teacher's run.
+    before = sorted(p.name for p in (first / "checkpoints").iterdir())
+    code = cli.main(train_args("distill,smoke", first, data_dir, teacher(first), steps))
+    assert code == 2 and "is the teacher's run" in capsys.readouterr().err
+    assert sorted(p.name for p in (first / "checkpoints").iterdir()) == before

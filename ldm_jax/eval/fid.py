@@ -390,7 +390,8 @@ def scores(stats, features, reference: dict, *, kid_subset_size=1000, kid_subset
 def dataset_reference(config, extractor, *, split="test", num_images=None):
     """(reference statistics dict as `load_statistics` gives, captions list) of the first
     `num_images` examples of `config.data`'s split: the real images FID compares against and the
-    captions the samples are drawn for."""
+    captions the samples are drawn for. extractor=None: the captions only (reference None), for
+    a run given precomputed reference statistics."""
     from ldm_jax.data.pipeline import load_dataset
 
     data = load_dataset(config, split)
@@ -398,6 +399,9 @@ def dataset_reference(config, extractor, *, split="test", num_images=None):
     n = total if num_images is None else num_images
     if not 2 <= n <= total:
         raise ValueError(f"num_images must be in [2, {total}] (the {split} split), got {n}")
+    captions = [str(data["caption"][i]) for i in range(n)]
+    if extractor is None:
+        return None, captions
     images = (data["image"][i] for i in range(n))
     stats, features = feature_statistics(extractor, images)
     reference = dict(
@@ -407,7 +411,6 @@ def dataset_reference(config, extractor, *, split="test", num_images=None):
         features=features,
         metadata={**extractor.metadata, "dataset": config.data.name, "split": split},
     )
-    captions = [str(data["caption"][i]) for i in range(n)]
     return reference, captions
 
 

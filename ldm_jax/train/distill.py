@@ -134,6 +134,9 @@ def make_loss_fn(student: LatentDiffusion, teacher: LatentDiffusion, config, gui
 
 def train_and_evaluate(config, workdir: str | pathlib.Path) -> loop.TrainState:
     workdir = pathlib.Path(workdir)
+    teacher_dir = pathlib.Path(config.distill.teacher_workdir or ".")
+    if teacher_dir.exists() and workdir.resolve() == teacher_dir.resolve():
+        raise ValueError(f"--workdir {workdir} is the teacher's run; give the student a new one")
     teacher, guidance = load_teacher(config)
     distillation.distillation_timesteps(teacher.schedule, config.distill.student_steps)  # checks
     log.info(
