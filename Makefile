@@ -1,8 +1,8 @@
 # The two commands of the README:
 #   make demo   installs, then trains the shapes autoencoder and latent diffusion model, samples a
-#               grid and prints the prompt-adherence table (15-22 minutes on a 2-core CPU)
+#               grid and prints the prompt-adherence table (about 10 minutes on a 2-core CPU)
 #   make test   installs, then runs the whole test suite (8 simulated CPU devices, two pytest
-#               workers: the suite is bound by single-threaded XLA compilation; 10-23 min by CPU)
+#               workers: the suite is bound by single-threaded XLA compilation)
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -30,6 +30,10 @@ $(VENV)/.installed-test: pyproject.toml | $(BIN)/python
 install: $(VENV)/.installed
 install-test: $(VENV)/.installed-test
 
+# glibc's malloc backs its large blocks with transparent huge pages (glibc >= 2.35; ignored by
+# older ones): XLA:CPU allocates a step's buffers anew each step, and they then fault in 2 MB at a
+# time instead of 4 kB (README, "Results").
+demo: export GLIBC_TUNABLES ?= glibc.malloc.hugetlb=1
 demo: install
 	$(BIN)/ldm-jax train --config configs/shapes.py:autoencoder --workdir $(RUNS)/autoencoder
 	$(BIN)/ldm-jax train --config configs/shapes.py:ldm --workdir $(RUNS)/ldm \

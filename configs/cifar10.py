@@ -26,6 +26,7 @@ def get_config(arg=None):
     c = load_config_file(f"{SHAPES}:{arg or 'ldm'}")  # shapes' stage, sizes, optimizer, smoke
     with c.unlocked():
         c.data = data_config("cifar10", image_size=32)  # 50,000 images: in memory (150 MB)
+        c.tokenizer.update(name="byte", context_length=77, vocabulary=())  # open vocabulary
         c.sample.prompts = tuple(class_caption(c.data.caption_template, n) for n in CIFAR10_CLASSES)
         if "smoke" in parts:
             c.sample.prompts = c.sample.prompts[:2]

@@ -34,6 +34,7 @@ def get_config(arg=None):
         c.data = data_config(
             "coco_captions", config_name="2014", image_size=32 if smoke else 256, in_memory=False
         )
+        c.tokenizer.update(name="byte", context_length=77, vocabulary=())  # open vocabulary
         c.sample.prompts = (
             "a man riding a wave on top of a surfboard",
             "a plate of food with broccoli and rice",

@@ -36,6 +36,7 @@ def get_config(arg=None):
     smoke = "smoke" in parts
     with c.unlocked():
         c.data = data_config("imagenet2012", image_size=32 if smoke else 128, in_memory=False)
+        c.tokenizer.update(name="byte", context_length=77, vocabulary=())  # open vocabulary
         c.sample.prompts = ("a photo of a goldfish", "a photo of a tabby", "a photo of a volcano")
         if smoke:
             c.sample.prompts = c.sample.prompts[:2]

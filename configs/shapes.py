@@ -19,6 +19,8 @@ Expected (2-core CPU, see README): color+shape adherence >= 80% at guidance 4, 2
 
 import ml_collections
 
+from ldm_jax.data import shapes
+
 STAGES = ("autoencoder", "ldm", "distill")
 OPTIONS = ("smoke", "64")
 
@@ -66,6 +68,13 @@ def get_config(arg=None):
     c.compute_dtype = "float32"
     c.remat_policy = "none"
     c.grad_accum_steps = 1
+    # XLA compiler options of the training step when it runs on CPU devices (jax.jit's
+    # compiler_options: XLA DebugOptions fields; not used on GPU/TPU). Set per stage below.
+    c.cpu_compiler_options = {}
+    if stage == "autoencoder":
+        # XLA:CPU's YNNPACK fusions (on by default in jax 0.10) run this narrow convolutional
+        # network's step 1.2-1.5x slower than XLA's own kernels (benchmarks/README.md).
+        c.cpu_compiler_options = {"xla_cpu_experimental_ynn_fusion_type": ""}
 
     # Stage 1: AutoencoderKL (Rombach et al. 2022, Sec. 3): f=4, 4 latent channels.
     c.autoencoder = dict(
@@ -84,7 +93,11 @@ def get_config(arg=None):
 
     # Stage 2: text encoder (trained jointly, as LDM's text-to-image model) + U-Net on latents.
     c.autoencoder_workdir = ""  # where stage 1 wrote its checkpoint (required for stage "ldm")
-    c.tokenizer = dict(name="byte", path="", context_length=77)  # or name="clip", path=<folder>
+    # Whole words of the captions' 31-word vocabulary (ldm_jax/data/tokenizers.py WordTokenizer);
+    # or name="byte" (any text, 77 bytes) or name="clip", path=<folder with the BPE files>.
+    c.tokenizer = dict(
+        name="words", path="", context_length=16, vocabulary=tuple(sorted(shapes.CAPTION_WORDS))
+    )
     c.text_encoder = dict(
         hidden_size=64,
         intermediate_size=256,
@@ -93,7 +106,9 @@ def get_config(arg=None):
         hidden_act="quick_gelu",
     )
     c.unet = dict(
-        block_out_channels=(64, 128),
+        # 64 channels at both levels: with word tokens, (64, 128) learned no better in the same
+        # time (README, "How the demo config was chosen"); (64, 64) takes 0.11 s a step, not 0.17.
+        block_out_channels=(64, 64),
         # Cross-attention at 4x4 and in the middle block only: adding it at 8x8 cost ~45% more
         # step time on a 2-core CPU (0.33 -> 0.48 s at batch 64), which the demo cannot afford.
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
@@ -127,15 +142,18 @@ def get_config(arg=None):
         b2=0.99,
         grad_clip_norm=1.0,
     )
-    # On 2 CPU cores: ~5.9 LDM steps/s at batch 32 (3000 steps ~8.5 min), ~2.5 AE steps/s at 64.
-    c.batch_size = 32 if stage == "ldm" else 64
-    c.num_train_steps = 3000 if stage == "ldm" else 600
+    # The autoencoder learns more from more, smaller batches: 1600 steps of 8 reconstruct shapes
+    # better than 600 of 64 in a quarter of the time (README). On a 2-core CPU: ~16 AE steps/s,
+    # ~9 LDM steps/s at batch 32.
+    c.batch_size = {"autoencoder": 8, "ldm": 32, "distill": 64}[stage]
+    c.num_train_steps = {"autoencoder": 1600, "ldm": 3000, "distill": 1000}[stage]
     c.max_consecutive_nonfinite = 1  # stop at the first non-finite loss (the update is skipped)
 
     c.log_every = 50
     # orbax checkpoints (async saves) in <workdir>/checkpoints: the newest
     # `max_checkpoints_to_keep`, plus every multiple of `keep_checkpoint_every` (0: none).
-    c.checkpoint_every = 400
+    # A checkpoint and a sample grid halfway and at the end: each costs ~3 s on 2 CPU cores.
+    c.checkpoint_every = c.num_train_steps // 2
     c.max_checkpoints_to_keep = 2
     c.keep_checkpoint_every = 0
     # Multi-host runs (ldm_jax/distributed.py): empty/0/-1 take the values from the environment
@@ -149,7 +167,7 @@ def get_config(arg=None):
         initialization_timeout=300,  # seconds to wait for all processes to join
         cpu_collectives="gloo",  # cross-process collectives of the CPU backend
     )
-    c.sample_every = 800  # sample grid (or reconstructions) of fixed prompts
+    c.sample_every = c.num_train_steps // 2  # sample grid (or reconstructions) of fixed prompts
     c.sample = dict(
         prompts=(
             "a red circle",
@@ -174,7 +192,6 @@ def get_config(arg=None):
         steps = ml_collections.FieldReference(4)
         c.distill = dict(teacher_workdir="", student_steps=steps, guidance_scale=4.0)
         c.optimizer.update(learning_rate=3e-4, warmup_steps=50, lr_schedule="constant")
-        c.num_train_steps = 1000
         c.ema_decay = 0.99
         c.sample.update(guidance_scale=1.0, sampler_options={"timestep_spacing": "trailing"})
         c.sample.num_steps = steps

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import pathlib
 import sys
@@ -69,10 +70,11 @@ def _sample(args, overrides):
         args.prompt = args.prompt + [line for line in path.read_text().splitlines() if line.strip()]
     if not args.prompt:
         raise ValueError("give at least one --prompt (or a --prompt-file)")
-    if args.num_images < 1 or (args.steps is not None and args.steps < 1):
-        raise ValueError(
-            f"--num-images and --steps must be >= 1, got {args.num_images}, {args.steps}"
-        )
+    _check_counts(args, "num_images", "steps", "batch_size")
+    _check_finite(args, "guidance_scale", "guidance_rescale", "strength")
+    if args.strength is not None and not 0 < args.strength <= 1:
+        raise ValueError(f"--strength must be in (0, 1], got {args.strength}")
+    _check_seed(args.seed, len(args.prompt) * args.num_images)
     if (args.workdir is None) == (args.pretrained is None):
         raise ValueError("give exactly one of --workdir (a run trained here) and --pretrained")
     if args.sampler is not None:  # before loading anything: a typo costs no model load
@@ -108,6 +110,7 @@ def _sample(args, overrides):
     strength = 0.8 if args.strength is None else args.strength  # diffusers' img2img default
     sampler = args.sampler or "ddim"
     ldm = pipeline.load_from_workdir(args.workdir)
+    out = pipeline.output_dir(args.out)
     # Defaults from the run's own sample settings (shapes: 25 steps, guidance 4; a distilled
     # student: its step count, guidance 1).
     guidance_scale = args.guidance_scale
@@ -151,11 +154,56 @@ def _sample(args, overrides):
         | img2img
         for p, n, s in zip(prompts, negative_prompts, seeds)
     ]
-    out = pipeline.save_outputs(images, records, args.out, grid_columns=args.num_images)
+    pipeline.save_outputs(images, records, out, grid_columns=args.num_images)
     print(
         f"wrote {len(images)} images, grid.png and manifest.json to {out} "
         f"({len(images) / seconds:.1f} images/s including compilation)"
     )
+
+
+def _check_inputs(args) -> None:
+    """The evaluation inputs that were given exist: --images and --clip folders, --reference and
+    --inception-weights files (or the file $LDM_JAX_INCEPTION_WEIGHTS names)."""
+    paths = [(f"--{name}", getattr(args, name, None), kind) for name, kind in _INPUTS]
+    if hasattr(args, "inception_weights"):
+        env = os.environ.get("LDM_JAX_INCEPTION_WEIGHTS")
+        flag = "--inception-weights" if args.inception_weights else "$LDM_JAX_INCEPTION_WEIGHTS"
+        paths.append((flag, args.inception_weights or env, "file"))
+    for flag, path, kind in paths:
+        if path and not (pathlib.Path(path).is_dir() if kind == "folder" else pathlib.Path(path).is_file()):
+            raise FileNotFoundError(f"{flag} {path}: no such {kind}")
+
+
+_INPUTS = (("images", "folder"), ("clip", "folder"), ("reference", "file"))
+
+
+def _check_counts(args, *names: str) -> None:
+    """Each named argument (or each of its values), when given, is an integer >= 1."""
+    for name in names:
+        values = getattr(args, name, None)
+        for value in values if isinstance(values, list) else [values]:
+            if value is not None and value < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+
+
+def _check_finite(args, *names: str) -> None:
+    """Each named float argument, when given, is finite (not nan or inf)."""
+    for name in names:
+        values = getattr(args, name, None)
+        for value in values if isinstance(values, list) else [values]:
+            if value is not None and not math.isfinite(value):
+                raise ValueError(f"--{name.replace('_', '-')} must be a finite number, got {value}")
+
+
+def _check_seed(seed: int, num_images: int) -> None:
+    """Image i uses seed K + i: all of them must be valid uint32 seeds."""
+    from ldm_jax.rng import SEED_MAX
+
+    if not 0 <= seed <= SEED_MAX - (num_images - 1):
+        raise ValueError(
+            f"--seed must be in [0, {SEED_MAX - (num_images - 1)}] for {num_images} images "
+            f"(image i uses seed K + i; seeds are uint32), got {seed}"
+        )
 
 
 def _sampler_options(pairs: list[str]) -> dict:
@@ -183,13 +231,21 @@ def _sample_pretrained(args, negatives, sampler_options):
     for flag, path in (("--init-image", args.init_image), ("--mask", args.mask)):
         if path is not None and not pathlib.Path(path).is_file():
             raise FileNotFoundError(f"{flag} {path}: no such file")
+    if not pathlib.Path(args.pretrained).exists():
+        raise FileNotFoundError(f"--pretrained {args.pretrained}: no such file or folder")
+    if args.sampler is not None:
+        sd_pipeline.check_sampler_options(args.sampler, sampler_options)
+    pipeline.check_output_dir(args.out)
     sd = sd_pipeline.StableDiffusion.from_pretrained(
         args.pretrained,
         variant=args.variant,
         tokenizer_dir=args.tokenizer,
         tokenizer_2_dir=args.tokenizer_2,
     )
-    sampler = sd_pipeline.resolve_sampler(sd.model.scheduler_config, args.sampler)[0]
+    # (the checkpoint's own sampler, when none is named, checks the options here)
+    config = sd.model.scheduler_config
+    sampler = sd_pipeline.resolve_sampler(config, args.sampler, sampler_options)[0]
+    out = pipeline.output_dir(args.out)
     guidance_scale = 7.5 if args.guidance_scale is None else args.guidance_scale
     if args.steps is None:
         args.steps = 25
@@ -241,7 +297,7 @@ def _sample_pretrained(args, negatives, sampler_options):
             if args.mask is not None:
                 record["mask"] = str(args.mask)
             records.append(record)
-    out = pipeline.save_outputs(images, records, args.out, grid_columns=args.num_images)
+    pipeline.save_outputs(images, records, out, grid_columns=args.num_images)
     print(
         f"wrote {len(images)} images, grid.png and manifest.json to {out} "
         f"({len(images) / seconds:.2f} images/s including loading and compilation)"
@@ -253,8 +309,14 @@ def _eval_adherence(args, overrides):
     from ldm_jax import pipeline
     from ldm_jax.eval import adherence
 
+    _check_counts(args, "num_per_prompt", "steps", "batch_size")
+    _check_finite(args, "guidance_scales")
+    _check_seed(args.seed, len(adherence.adherence_prompts()) * args.num_per_prompt)
+    from ldm_jax.diffusion.samplers import get_sampler
+
+    get_sampler(args.sampler)  # ValueError listing the valid names
     ldm = pipeline.load_from_workdir(args.workdir)
-    out = pathlib.Path(args.out) if args.out else pathlib.Path(args.workdir) / "adherence"
+    out = pipeline.output_dir(args.out or pathlib.Path(args.workdir) / "adherence")
     result = adherence.evaluate(
         ldm,
         guidance_scales=args.guidance_scales,
@@ -295,6 +357,10 @@ def _eval_fid(args, overrides):
         raise ValueError("eval fid takes exactly one of --workdir (a model) or --images (a folder)")
     if args.images and not args.reference:
         raise ValueError("--images needs --reference (statistics from `eval fid-reference`)")
+    _check_inputs(args)
+    _check_counts(args, "steps", "num_images", "batch_size", "kid_subset_size")
+    _check_finite(args, "guidance_scale")
+    _check_seed(args.seed, args.num_images or 1)
     if args.workdir:  # a wrong sampler name or step count fails before anything is loaded
         from ldm_jax.diffusion.samplers import network_evaluations
 
@@ -324,6 +390,7 @@ def _eval_fid(args, overrides):
     from ldm_jax import pipeline
 
     ldm = pipeline.load_from_workdir(args.workdir)
+    out = pipeline.output_dir(args.out or pathlib.Path(args.workdir) / "fid")
     # The prompts are the split's captions; its images are the reference unless --reference.
     made, prompts = fid.dataset_reference(
         ldm.config,
@@ -332,7 +399,6 @@ def _eval_fid(args, overrides):
         num_images=args.num_images,
     )
     reference = reference or made
-    out = pathlib.Path(args.out) if args.out else pathlib.Path(args.workdir) / "fid"
     runs = [(sampler, steps) for sampler in args.sampler for steps in args.steps]
     result = fid.evaluate_samplers(
         ldm,
@@ -377,6 +443,8 @@ def _eval_clip_score(args, overrides):
     from ldm_jax.eval import fid
     from ldm_jax.eval.clip_score import ClipScorer, summarize
 
+    _check_inputs(args)
+    _check_counts(args, "num_images", "batch_size")
     files = fid.image_files(args.images)[: args.num_images]
     prompts = _manifest_prompts(args.images, files)
     scorer = ClipScorer.from_folder(args.clip, batch_size=args.batch_size)
@@ -396,6 +464,8 @@ def _eval_fid_reference(args, overrides):
         raise FileExistsError(f"--out {out} exists; choose a new file")
     if bool(args.images) == bool(args.config):
         raise ValueError("eval fid-reference takes exactly one of --images or --config")
+    _check_inputs(args)
+    _check_counts(args, "num_images", "batch_size")
     extractor = _inception(args)
     if args.images:
         files = fid.image_files(args.images)[: args.num_images]

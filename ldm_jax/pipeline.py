@@ -27,7 +27,7 @@ import numpy as np
 from ldm_jax import rng as rng_lib
 from ldm_jax import sharding as sharding_lib
 from ldm_jax.config import read_config
-from ldm_jax.data.tokenizers import get_tokenizer
+from ldm_jax.data.tokenizers import tokenizer_from_config
 from ldm_jax.diffusion import samplers as sampler_lib
 from ldm_jax.diffusion.guidance import classifier_free_guidance
 from ldm_jax.diffusion.schedules import NoiseSchedule, schedule_from_config
@@ -116,9 +116,7 @@ class LatentDiffusion:
 
     @classmethod
     def from_config(cls, config, params=None, frozen=None, mesh=None):
-        tokenizer = get_tokenizer(
-            config.tokenizer.name, config.tokenizer.path or None, config.tokenizer.context_length
-        )
+        tokenizer = tokenizer_from_config(config.tokenizer)
         return cls(
             config=config,
             tokenizer=tokenizer,
@@ -257,6 +255,9 @@ def generate(
     if len(negative_prompts) != n:
         raise ValueError(f"{n} prompts but {len(negative_prompts)} negative prompts")
     guidance = np.broadcast_to(np.asarray(guidance_scale, np.float32), (n,))
+    if not np.all(np.isfinite(guidance)):
+        raise ValueError(f"guidance_scale must be finite, got {guidance_scale}")
+    seeds = rng_lib.seed_array(seeds)
     devices = ldm.mesh.devices.size
     batch_size = -(-batch_size // devices) * devices  # a multiple of the device count
     start_step, arrays = None, []
@@ -281,7 +282,6 @@ def generate(
     fn = _sample_fn(ldm, sampler, num_steps, options, start_step)
     cond_ids = ldm.tokenizer(list(prompts))
     uncond_ids = ldm.tokenizer(negative_prompts)
-    seeds = np.asarray(seeds, np.uint32)
     out = []
     starts = range(0, n, batch_size)
     if progress:
@@ -298,6 +298,36 @@ def generate(
         images = fn(ldm.params, ldm.frozen, *padded)
         out.append(np.asarray(images)[: batch_size - pad])
     return np.concatenate(out)
+
+
+def check_output_dir(path: str | pathlib.Path, flag: str = "--out") -> None:
+    """FileExistsError naming `flag` when `path` is a file: `output_dir` would refuse it; checked
+    before slow work (loading a checkpoint) that precedes the folder's creation."""
+    path = pathlib.Path(path)
+    if path.exists() and not path.is_dir():
+        raise FileExistsError(f"{flag} {path} is a file, not a folder; choose a folder")
+
+
+def output_dir(path: str | pathlib.Path, flag: str = "--out") -> pathlib.Path:
+    """The folder to write outputs into, made before any work so that a bad path fails first.
+
+    `path` when it is new or empty; when it already holds files (an earlier sample or
+    evaluation), its first free numbered subfolder `path/001`, `path/002`, ..., so nothing
+    written before is overwritten. A path that is a file is a FileExistsError naming `flag`.
+    """
+    check_output_dir(path, flag)
+    path = pathlib.Path(path)
+    if path.is_dir() and any(path.iterdir()):
+        index = 1
+        while (path / f"{index:03d}").exists():
+            index += 1
+        log.warning("%s %s already holds files; writing to %s", flag, path, path / f"{index:03d}")
+        path = path / f"{index:03d}"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"{flag} {path}: cannot make this folder ({e})") from e
+    return path
 
 
 def save_outputs(
@@ -319,5 +349,6 @@ def save_outputs(
     save_png(
         make_grid(images, grid_columns), out_dir / "grid.png", scale=max(1, 256 // images.shape[1])
     )
-    (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    # allow_nan=False: a NaN would make the file invalid JSON (generate refuses them anyway).
+    (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2, allow_nan=False) + "\n")
     return out_dir

@@ -413,14 +413,20 @@ def resolve_sampler(
     return name, _merge_user_options(name, options, user_options), schedule
 
 
-def _merge_user_options(name: str, options: dict, user_options: dict | None) -> dict:
-    user_options = dict(user_options or {})
+def check_sampler_options(name: str, user_options: dict | None) -> None:
+    """ValueError naming the options sampler `name` does not take (and those it does)."""
+    sampler_lib.get_sampler(name)  # unknown names: the registry's error lists them
     accepted = _keyword_options(name)
-    unknown = set(user_options) - accepted if accepted is not None else set()
+    unknown = set(user_options or {}) - accepted if accepted is not None else set()
     if unknown:
         raise ValueError(
             f"sampler {name!r} has no option(s) {sorted(unknown)}; valid: {sorted(accepted)}"
         )
+
+
+def _merge_user_options(name: str, options: dict, user_options: dict | None) -> dict:
+    user_options = dict(user_options or {})
+    check_sampler_options(name, user_options)
     merged = {**options, **user_options}
     return {k: tuple(v) if isinstance(v, list) else v for k, v in merged.items()}
 
@@ -530,6 +536,9 @@ def generate(
             "num_inference_steps and num_images_per_prompt must be >= 1, got "
             f"{num_inference_steps}, {num_images_per_prompt}"
         )
+    for name, value in (("guidance_scale", guidance_scale), ("guidance_rescale", guidance_rescale)):
+        if not np.isfinite(value):
+            raise ValueError(f"{name} must be finite, got {value}")
     if clip_skip is not None and clip_skip < 0:
         raise ValueError(f"clip_skip must be >= 0, got {clip_skip}")
     height = height or sd.default_size
@@ -568,6 +577,7 @@ def generate(
     )
     if seeds.shape != (n,):
         raise ValueError(f"give one seed or one per image ({n}), got {len(seeds)}")
+    seeds = rng_lib.seed_array(seeds)
     latent_shape = (height // sd.vae_scale_factor, width // sd.vae_scale_factor)
     latent_shape += (model.vae.latent_channels,)
     if latents is None:
@@ -587,7 +597,7 @@ def generate(
         "guidance": np.full(n, max(guidance_scale, 1.0), np.float32),
         "rescale": np.full(n, guidance_rescale, np.float32),
         "noise": noise,
-        "seed": seeds.astype(np.uint32),
+        "seed": seeds,
     }
     if sd.is_sdxl:
         original_size = tuple(original_size or (height, width))

@@ -22,10 +22,20 @@ import tempfile
 import jax
 import pytest
 
-# Several tests train the same smoke models (fresh runs, resumed runs): a persistent compilation
-# cache for the session lets identical steps compile once.
-jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="ldm_jax_xla_cache_"))
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+# Several tests train the same smoke models (fresh runs, resumed runs, CLI subprocesses, both
+# pytest-xdist workers): a persistent compilation cache for the session, one folder shared by
+# the workers (the run's id names it) and handed to subprocesses through the environment, lets
+# identical programs compile once.
+_run_id = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+if _run_id:
+    _cache = pathlib.Path(tempfile.gettempdir()) / f"ldm_jax_xla_cache_{_run_id}"
+    _cache.mkdir(exist_ok=True)
+else:
+    _cache = pathlib.Path(tempfile.mkdtemp(prefix="ldm_jax_xla_cache_"))
+os.environ["JAX_COMPILATION_CACHE_DIR"] = str(_cache)
+os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.5"
+jax.config.update("jax_compilation_cache_dir", str(_cache))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"

@@ -13,6 +13,7 @@ import shutil
 import types
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from PIL import Image
@@ -551,17 +552,36 @@ def test_sdxl_random_crop_batches_carry_each_crop_and_its_mirror(checkpoints, ph
         assert mtop == top
         mirror = full[:, ::-1]
         np.testing.assert_array_equal(crop[:, ::-1], mirror[top : top + SIZE, mleft : mleft + SIZE])
-    # The step's time ids use the mirrored corner for flipped examples.
+    # The step's time ids use the mirrored corner for flipped examples, the crop's own corner
+    # for the others (diffusers' compute_time_ids: original size, corner, target size).
     objective = finetune.make_objective(config, model)
-    frozen = finetune.frozen_params(model)
-    n = len(PHOTOS)
-    draws = finetune.sample_draws(objective, jax.random.key(0), n)
-    step_fn = jax.jit(
-        lambda b, d: finetune.loss_with_draws(objective, model.unet_params, frozen, b, d)
-    )
-    flipped = {**draws, "flip": np.ones(n, bool)}
-    loss = float(step_fn(batch, flipped)[0])
+    flip = np.arange(len(PHOTOS)) % 2 == 1
+    time_ids = np.asarray(finetune.sdxl_time_ids(objective, batch, flip))
+    corners = np.where(flip[:, None], batch["crop_top_left_flipped"], batch["crop_top_left"])
+    want = np.concatenate([batch["original_size"], corners, np.full_like(corners, SIZE)], -1)
+    np.testing.assert_array_equal(time_ids, want)
+    moved = flip & np.any(batch["crop_top_left_flipped"] != batch["crop_top_left"], axis=-1)
+    assert moved.any()
+    # ... and they reach the U-Net: its added embedding (where diffusers adds them to the
+    # timestep embedding) changes with the corner by far more than float32 round-off.
     same_corner = {**batch, "crop_top_left_flipped": batch["crop_top_left"]}
-    moved = np.any(batch["crop_top_left_flipped"] != batch["crop_top_left"])
-    assert np.isfinite(loss) and moved
-    assert float(step_fn(same_corner, flipped)[0]) != loss
+    unet = model.unet
+    pooled_width = unet.projection_class_embeddings_input_dim - 6 * unet.addition_time_embed_dim
+    added = []
+    for b in (batch, same_corner):
+        cond = {
+            "text_embeds": jnp.ones((len(PHOTOS), pooled_width)),
+            "time_ids": finetune.sdxl_time_ids(objective, b, flip),
+        }
+        _, state = model.unet.apply(
+            model.unet_params,
+            jnp.zeros((len(PHOTOS), SIZE // 2, SIZE // 2, 4)),
+            jnp.zeros(len(PHOTOS)),
+            jnp.zeros((len(PHOTOS), 77, model.unet.cross_attention_dim)),
+            added_cond_kwargs=cond,
+            capture_intermediates=lambda module, _: module.name == "add_embedding",
+        )
+        added.append(np.asarray(state["intermediates"]["add_embedding"]["__call__"][0]))
+    change = np.abs(added[0] - added[1]).max(axis=-1)
+    assert np.all(change[~moved] == 0)
+    assert np.all(change[moved] > 1e-3 * np.abs(added[0][moved]).max()), change

@@ -1,4 +1,5 @@
-"""Tokenizers: byte round trip, padding, truncation warning, CLIP known answer, bad names."""
+"""Tokenizers: byte and word round trips, padding, truncation and unknown-word warnings, CLIP
+known answer, bad names and vocabularies."""
 
 import logging
 
@@ -39,6 +40,38 @@ def test_rejects_a_bare_string():
         tokenizers.ByteTokenizer()("a red circle")
 
 
+def test_words_round_trip_unknown_words_and_truncation(caplog):
+    from ldm_jax.data import shapes
+
+    vocabulary = sorted(shapes.CAPTION_WORDS)
+    tok = tokenizers.get_tokenizer("words", context_length=8, vocabulary=vocabulary)
+    assert tok.vocab_size == len(vocabulary) + 4
+    with caplog.at_level(logging.WARNING, logger="ldm_jax"):
+        ids = tok(["A red, CIRCLE!", "", "a pink circle"])
+    assert ids.shape == (3, 8) and ids.dtype == np.int32
+    red = vocabulary.index("red") + tok.word_offset
+    assert ids[0, :5].tolist() == [tok.bos_token_id, ids[0, 1], red, ids[0, 3], tok.eos_token_id]
+    assert tok.decode(ids[0]) == "a red circle"
+    assert ids[1, :2].tolist() == [tok.bos_token_id, tok.eos_token_id] and not ids[1, 2:].any()
+    assert tok.decode(ids[2]) == "a <unk> circle"
+    assert "not in the tokenizer's vocabulary: ['pink']" in caplog.text
+    # Every shapes caption fits the demo config's 16-word context (bos and eos included).
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        attrs = shapes.sample_attributes(rng)
+        for caption in (shapes.random_caption(attrs, rng), shapes.canonical_caption(attrs)):
+            assert len(tok.words(caption)) + 2 <= 16 and set(tok.words(caption)) <= set(vocabulary)
+    with caplog.at_level(logging.WARNING, logger="ldm_jax"):
+        long = tok(["a red circle at the top of a black background"])
+    assert long[0, -1] == tok.eos_token_id and "truncated" in caplog.text
+
+
+@pytest.mark.parametrize("vocabulary", [(), ("red", "red"), ("Red",), ("two words",)])
+def test_words_refuses_a_bad_vocabulary(vocabulary):
+    with pytest.raises(ValueError, match="distinct lower-case words"):
+        tokenizers.get_tokenizer("words", vocabulary=vocabulary)
+
+
 def test_clip_known_answer(clip_tokenizer_dir):
     tok = tokenizers.get_tokenizer("clip", clip_tokenizer_dir)
     ids = tok(["a cat sitting on a sunny windowsill"])
@@ -65,7 +98,7 @@ def test_clip_truncation_warns(clip_tokenizer_dir, caplog):
 
 
 def test_bad_names_and_paths(tmp_path):
-    with pytest.raises(ValueError, match="byte, clip"):
+    with pytest.raises(ValueError, match="byte, words, clip"):
         tokenizers.get_tokenizer("sentencepiece")
     with pytest.raises(ValueError, match="needs path"):
         tokenizers.get_tokenizer("clip")

@@ -42,7 +42,7 @@ def test_train_writes_checkpoints_metrics_and_samples(trained):
 def test_sample_cli_writes_pngs_grid_and_manifest(trained, tmp_path, caplog, capsys):
     _, lat = trained
     out = tmp_path / "samples"
-    long_prompt = "a red circle " * 10  # 131 bytes: longer than the 77-token context
+    long_prompt = "a red circle " * 10  # 30 words: longer than the 16-token context
     with caplog.at_level(logging.WARNING, logger="ldm_jax"):
         code = cli.main(
             [
@@ -258,7 +258,7 @@ def test_sample_without_checkpoint_says_so(tmp_path, capsys):
             str(tmp_path / "out"),
         ]
     )
-    assert code == 2 and "--num-images and --steps must be >= 1" in capsys.readouterr().err
+    assert code == 2 and "--num-images must be >= 1, got 0" in capsys.readouterr().err
 
 
 def test_unknown_config_key_is_named(tmp_path, capsys):
@@ -375,9 +375,10 @@ def test_update_lowers_the_ldm_loss_on_a_fixed_batch():
 
     @jax.jit  # (jitted: op-by-op initialization compiles every op on its own, ~4x slower)
     def init():
-        context = jnp.zeros((1, 77, config.text_encoder.hidden_size))
+        length = config.tokenizer.context_length
+        context = jnp.zeros((1, length, config.text_encoder.hidden_size))
         unet = model.unet.init(k1, jnp.zeros((1, 16, 16, 4)), jnp.zeros(1), context)
-        text_encoder = model.text_encoder.init(k2, jnp.zeros((1, 77), jnp.int32))
+        text_encoder = model.text_encoder.init(k2, jnp.zeros((1, length), jnp.int32))
         return {"unet": unet, "text_encoder": text_encoder}
 
     state = loop.init_state(init(), optimizer, frozen={"latent_scale": jnp.float32(1.0)})
@@ -404,7 +405,8 @@ def test_import_ldm_jax_is_light():
 
 def test_clip_tokenizer_config_builds_a_matching_text_encoder(clip_tokenizer_dir):
     config = load_config(
-        SHAPES + ":ldm,smoke", ["tokenizer.name=clip", f"tokenizer.path={clip_tokenizer_dir}"]
+        SHAPES + ":ldm,smoke",
+        ["tokenizer.name=clip", f"tokenizer.path={clip_tokenizer_dir}", "tokenizer.context_length=77"],
     )
     model = pipeline.LatentDiffusion.from_config(config)
     assert model.text_encoder.vocab_size == 49408 and model.text_encoder.eos_token_id == 49407
@@ -438,6 +440,106 @@ def test_unknown_sampler_is_refused_before_loading_a_model(tmp_path, capsys):
     assert "unknown sampler 'eulr'" in err and all(name in err for name in sampler_names())
     assert cli.main([*args, "--pretrained", str(tmp_path / "no_checkpoint")]) == 2
     assert "unknown sampler 'eulr'" in capsys.readouterr().err
+
+
+# (arguments, what the error says): each refused before a model is loaded or a file written.
+BAD_SAMPLE_ARGUMENTS = [
+    (["--guidance-scale", "nan"], "--guidance-scale must be a finite number, got nan"),
+    (["--guidance-scale", "inf"], "--guidance-scale must be a finite number, got inf"),
+    (["--guidance-rescale", "nan"], "--guidance-rescale must be a finite number, got nan"),
+    (["--seed", "-5"], "--seed must be in [0, 4294967294] for 2 images"),
+    (["--seed", str(2**32 - 1)], "--seed must be in [0, 4294967294] for 2 images"),
+    (["--steps", "0"], "--steps must be >= 1, got 0"),
+    (["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
+    (["--init-image", "in.png", "--strength", "1.5"], "--strength must be in (0, 1], got 1.5"),
+    (["--init-image", "in.png", "--strength", "nan"], "--strength must be a finite number"),
+]
+
+
+@pytest.mark.parametrize("args, message", BAD_SAMPLE_ARGUMENTS)
+def test_bad_sample_arguments_are_named_before_loading(tmp_path, capsys, args, message):
+    out = tmp_path / "out"
+    for source in ("--workdir", "--pretrained"):  # neither exists: loading would fail otherwise
+        command = ["sample", source, str(tmp_path / "missing"), "--prompt", "a red circle"]
+        assert cli.main([*command, "--num-images", "2", *args, "--out", str(out)]) == 2
+        assert message in capsys.readouterr().err
+        assert not out.exists()
+
+
+def test_sample_out_is_checked_before_sampling_and_never_overwritten(
+    trained, tmp_path, capsys, monkeypatch
+):
+    _, lat = trained
+    command = ["sample", "--workdir", str(lat), "--prompt", "a red circle", "--steps", "2"]
+    command += ["--num-images", "1"]
+    a_file = tmp_path / "picture.png"
+    a_file.write_bytes(b"not a folder")
+
+    def sample(*args, **kwargs):
+        raise AssertionError("sampled before --out was checked")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(pipeline, "generate", sample)
+        assert cli.main([*command, "--out", str(a_file)]) == 2
+    assert f"--out {a_file} is a file, not a folder" in capsys.readouterr().err
+    assert a_file.read_bytes() == b"not a folder"
+
+    out = tmp_path / "samples"
+    assert cli.main([*command, "--out", str(out)]) == 0
+    first = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert set(first) == {"00000.png", "grid.png", "manifest.json"}
+    for run in (1, 2):  # an earlier sample is kept; each new one gets a numbered subfolder
+        assert cli.main([*command, "--seed", str(run), "--out", str(out)]) == 0
+        assert f"to {out / f'{run:03d}'}" in capsys.readouterr().out
+        assert json.loads((out / f"{run:03d}" / "manifest.json").read_text())[0]["seed"] == run
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == first
+
+    # The library refuses what the CLI refuses.
+    model = pipeline.load_from_workdir(lat)
+    with pytest.raises(ValueError, match="guidance_scale must be finite"):
+        pipeline.generate(model, ["x"], seeds=[0], guidance_scale=float("nan"))
+    with pytest.raises(ValueError, match=r"seeds must be integers in \[0, 2\*\*32 - 1\], got \[-5\]"):
+        pipeline.generate(model, ["x"], seeds=[-5])
+
+
+def test_bad_eval_arguments_are_named_before_loading(tmp_path, capsys):
+    images, missing = tmp_path / "images", tmp_path / "missing"
+    images.mkdir()
+    no_run = ["--workdir", str(missing)]
+    cases = [
+        (
+            ["fid", "--images", str(images), "--reference", str(missing / "ref.npz")],
+            f"--reference {missing / 'ref.npz'}: no such file",
+        ),
+        (
+            ["fid", *no_run, "--reference", str(missing / "ref.npz")],
+            f"--reference {missing / 'ref.npz'}: no such file",
+        ),
+        (
+            ["fid", "--images", str(missing), "--reference", str(images)],
+            f"--images {missing}: no such folder",
+        ),
+        (["fid", *no_run, "--guidance-scale", "nan"], "--guidance-scale must be a finite"),
+        (["fid", *no_run, "--steps", "10", "0"], "--steps must be >= 1, got 0"),
+        (
+            ["fid", *no_run, "--inception-weights", str(missing / "w.pth")],
+            f"--inception-weights {missing / 'w.pth'}: no such file",
+        ),
+        (["adherence", *no_run, "--guidance-scales", "4", "nan"], "--guidance-scales must be"),
+        (["adherence", *no_run, "--seed", "-1"], "--seed must be in [0, "),
+        (["adherence", *no_run, "--num-per-prompt", "0"], "--num-per-prompt must be >= 1"),
+        (["adherence", *no_run, "--sampler", "eulr"], "unknown sampler 'eulr'"),
+        (["clip-score", "--images", str(missing), "--clip", str(images)], "--images"),
+        (["clip-score", "--images", str(images), "--clip", str(missing)], "--clip"),
+        (
+            ["fid-reference", "--images", str(missing), "--out", str(tmp_path / "r.npz")],
+            f"--images {missing}: no such folder",
+        ),
+    ]
+    for args, message in cases:
+        assert cli.main(["eval", *args]) == 2, args
+        assert message in capsys.readouterr().err, args
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["images"]  # nothing written
 
 
 def _random_inception_weights(path):

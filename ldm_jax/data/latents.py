@@ -89,7 +89,7 @@ def encode(
     `caption_ids`. Returns the meta dict also written to `out_dir/meta.json`.
     """
     from ldm_jax.data.pipeline import load_dataset
-    from ldm_jax.data.tokenizers import get_tokenizer
+    from ldm_jax.data.tokenizers import tokenizer_from_config
     from ldm_jax.pipeline import build_autoencoder
     from ldm_jax.train import autoencoder as autoencoder_stage
     from ldm_jax.train.checkpointing import as_json, params_fingerprint
@@ -99,9 +99,7 @@ def encode(
     want, have = autoencoder_stage.signature(config), autoencoder_stage.signature(run_config)
     if as_json(want) != as_json(have):
         raise ValueError(f"the VAE in {workdir} ({have}) does not match this config ({want})")
-    tokenizer = get_tokenizer(
-        config.tokenizer.name, config.tokenizer.path or None, config.tokenizer.context_length
-    )
+    tokenizer = tokenizer_from_config(config.tokenizer)
     data = load_dataset(config, split)
     images = data["image"]
     n = len(images)

@@ -216,8 +216,8 @@ def load_statistics(path) -> dict:
             num_images = int(data["num_images"]) if "num_images" in data.files else None
             features = data["features"].astype(np.float32) if "features" in data.files else None
             metadata = json.loads(str(data["metadata"])) if "metadata" in data.files else {}
-    except FileNotFoundError:
-        raise
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{path}: no such statistics file") from e
     except (OSError, ValueError, TypeError, EOFError, zipfile.BadZipFile) as e:
         raise ValueError(f"{path}: not a readable statistics .npz: {e}") from e
     if mu.ndim != 1 or sigma.shape != (mu.shape[0],) * 2:

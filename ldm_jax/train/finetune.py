@@ -283,6 +283,17 @@ def encode_captions(objective: Objective, frozen, input_ids, drop):
     return context, pooled
 
 
+def sdxl_time_ids(objective: Objective, batch, flip) -> jax.Array:
+    """SDXL's micro-conditioning f32[B, 6]: diffusers' `compute_time_ids` (original size, crop
+    top-left, target size = the crop size); a flipped random crop has its own corner."""
+    target_size = jnp.full_like(batch["original_size"], objective.image_size)
+    crop = batch["crop_top_left"]
+    if "crop_top_left_flipped" in batch:
+        crop = jnp.where(flip[:, None], batch["crop_top_left_flipped"], crop)
+    time_ids = jnp.concatenate([batch["original_size"], crop, target_size], axis=-1)
+    return time_ids.astype(jnp.float32)
+
+
 def loss_with_draws(objective: Objective, params, frozen, batch, draws):
     """The weighted MSE of the U-Net's output to its target (eps / v / x0) -> (loss, aux)."""
     model = objective.model
@@ -302,13 +313,8 @@ def loss_with_draws(objective: Objective, params, frozen, batch, draws):
     context, pooled = encode_captions(objective, frozen, batch["input_ids"], draws["drop"])
     latents, context, pooled = jax.lax.stop_gradient((latents, context, pooled))
     added = None
-    if pooled is not None:  # SDXL: diffusers' `compute_time_ids` with target = the crop size
-        target_size = jnp.full_like(batch["original_size"], objective.image_size)
-        crop = batch["crop_top_left"]
-        if "crop_top_left_flipped" in batch:  # a random crop, mirrored, has its own corner
-            crop = jnp.where(draws["flip"][:, None], batch["crop_top_left_flipped"], crop)
-        time_ids = jnp.concatenate([batch["original_size"], crop, target_size], axis=-1)
-        added = {"text_embeds": pooled, "time_ids": time_ids.astype(jnp.float32)}
+    if pooled is not None:
+        added = {"text_embeds": pooled, "time_ids": sdxl_time_ids(objective, batch, draws["flip"])}
     noise = draws["noise"] + objective.noise_offset * draws["offset"]
     t = draws["t"]
     alpha_bar = objective.schedule.alphas_cumprod[t]

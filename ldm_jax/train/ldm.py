@@ -71,10 +71,23 @@ def load_autoencoder(config):
     return checkpointer.restore_raw(step)["ema_params"]
 
 
-def encode_dataset(vae, vae_params, images: np.ndarray, batch_size: int = 256):
-    """Posterior mean and std of every image: float32[N, h, w, c] each."""
+def autoencoder_cpu_options(config) -> dict | None:
+    """The `cpu_compiler_options` the stage-1 run in `config.autoencoder_workdir` trained with,
+    when running on CPU: its encoder is the same network (None: none recorded, or not on CPU)."""
+    path = pathlib.Path(config.get("autoencoder_workdir") or "") / "config.json"
+    if jax.devices()[0].platform != "cpu" or not path.is_file():
+        return None
+    return dict(read_config(path).get("cpu_compiler_options", None) or {}) or None
+
+
+def encode_dataset(
+    vae, vae_params, images: np.ndarray, batch_size: int = 256, compiler_options=None
+):
+    """Posterior mean and std of every image: float32[N, h, w, c] each. `compiler_options`:
+    jax.jit's XLA options for the encoder (None: XLA's defaults)."""
     encode = jax.jit(
-        lambda p, x: vae.apply(p, x.astype(jnp.float32) / 127.5 - 1.0, method=vae.encode)
+        lambda p, x: vae.apply(p, x.astype(jnp.float32) / 127.5 - 1.0, method=vae.encode),
+        compiler_options=compiler_options or None,
     )
     means, stds = [], []
     for start in range(0, len(images), batch_size):
@@ -134,7 +147,9 @@ def training_arrays(config, ldm: LatentDiffusion, vae_params) -> dict:
     if config.data.get("precomputed_latents_dir"):
         return latents_lib.load(config, vae_params)
     data = load_dataset(config)
-    latent_mean, latent_std = encode_dataset(ldm.vae, vae_params, data["image"])
+    latent_mean, latent_std = encode_dataset(
+        ldm.vae, vae_params, data["image"], compiler_options=autoencoder_cpu_options(config)
+    )
     canonical = data.get("canonical_caption", data["caption"])  # shapes has two captions
     return {
         "latent_mean": latent_mean,

@@ -192,8 +192,11 @@ def make_update_fn(
 def jit_update_fn(config, loss_fn: Callable, mesh, rules, state_shardings):
     """The trainers' update step as `run` compiles it: `make_update_fn` with the config's
     optimizer, EMA, seed and micro-batches, jitted with the declared state and batch shardings,
-    replicated metrics, and the old state donated."""
+    replicated metrics, and the old state donated. On CPU devices, XLA compiles it with
+    `config.cpu_compiler_options` (XLA DebugOptions fields, e.g. XLA:CPU tuning)."""
     optimizer = make_optimizer(config.optimizer, config.num_train_steps)
+    options = dict(config.get("cpu_compiler_options", None) or {})
+    on_cpu = mesh.devices.flat[0].platform == "cpu"
     return jax.jit(
         make_update_fn(
             loss_fn,
@@ -207,6 +210,7 @@ def jit_update_fn(config, loss_fn: Callable, mesh, rules, state_shardings):
         in_shardings=(state_shardings, sharding_lib.batch_sharding(mesh)),
         out_shardings=(state_shardings, sharding_lib.replicated(mesh)),
         donate_argnums=(0,),
+        compiler_options=options if on_cpu and options else None,
     )
 
 
