@@ -227,7 +227,7 @@ def ldm_contenders(config, rng, with_torch: bool):
             "text_encoder": to_jax("text_encoder", ldm.text_encoder, text),
             "unet": to_jax("unet", ldm.unet, unet),
         }
-        alphas_cumprod = torch.from_numpy(np.asarray(ldm.schedule.alphas_cumprod, np.float32))
+        alphas_cumprod = torch.from_numpy(np.array(ldm.schedule.alphas_cumprod, np.float32))
         mean, std = (torch.from_numpy(batch[k]).permute(0, 3, 1, 2) for k in ("latent_mean", "latent_std"))
         ids = {k: torch.from_numpy(np.asarray(batch[k], np.int64)) for k in ("caption_ids", "canonical_ids")}
         empty = torch.from_numpy(np.asarray(empty_ids, np.int64))[None]

@@ -109,6 +109,7 @@ def _sample(args, overrides):
         raise FileNotFoundError(f"--init-image {args.init_image}: no such file")
     strength = 0.8 if args.strength is None else args.strength  # diffusers' img2img default
     sampler = args.sampler or "ddim"
+    pipeline.check_output_dir(args.out)
     ldm = pipeline.load_from_workdir(args.workdir)
     out = pipeline.output_dir(args.out)
     # Defaults from the run's own sample settings (shapes: 25 steps, guidance 4; a distilled
@@ -315,6 +316,8 @@ def _eval_adherence(args, overrides):
     from ldm_jax.diffusion.samplers import get_sampler
 
     get_sampler(args.sampler)  # ValueError listing the valid names
+    if args.out:
+        pipeline.check_output_dir(args.out)
     ldm = pipeline.load_from_workdir(args.workdir)
     out = pipeline.output_dir(args.out or pathlib.Path(args.workdir) / "adherence")
     result = adherence.evaluate(
@@ -389,6 +392,8 @@ def _eval_fid(args, overrides):
         return
     from ldm_jax import pipeline
 
+    if args.out:
+        pipeline.check_output_dir(args.out)
     ldm = pipeline.load_from_workdir(args.workdir)
     out = pipeline.output_dir(args.out or pathlib.Path(args.workdir) / "fid")
     # The prompts are the split's captions; its images are the reference unless --reference.

@@ -291,3 +291,29 @@ def test_same_five_steps_on_one_and_eight_devices():
         # direction is round-off too, so a parameter may move by a fraction of one step's
         # size (the learning rate) differently; measured 4.4e-5 for lr 2e-3 (2%).
         assert worst < 0.05 * learning_rate, (name, worst)
+
+
+def test_cpu_compiler_options_reach_the_update_steps_compilation():
+    """`config.cpu_compiler_options` (the autoencoder stage turns XLA:CPU's YNNPACK fusions off)
+    are handed to XLA when the step compiles on CPU devices: an option XLA does not know fails
+    the compilation, naming it."""
+    config = load_config(SHAPES + ":autoencoder,smoke")
+    assert dict(config.cpu_compiler_options) == {"xla_cpu_experimental_ynn_fusion_type": ""}
+    mesh = sharding_lib.make_mesh({"data": 1}, num_devices=1)
+
+    def loss_fn(params, frozen, batch, rng):
+        return jnp.mean((params["w"] * batch["x"]) ** 2), {}
+
+    initial = loop.init_state({"w": jnp.ones(3)}, loop.make_optimizer(config.optimizer, 10), {})
+    shardings = sharding_lib.tree_shardings(initial, mesh)
+    batch = sharding_lib.global_batch(mesh, {"x": np.ones((4, 3), np.float32)})
+    # init_state's EMA starts as the parameters' own buffers; the step donates its state, so
+    # each call gets copies.
+    fresh = lambda: jax.tree.map(jnp.copy, jax.device_put(initial, shardings))
+    update = loop.jit_update_fn(config, loss_fn, mesh, sharding_lib.DEFAULT_RULES, shardings)
+    _, metrics = update(fresh(), batch)
+    assert bool(metrics["finite"])
+    config.cpu_compiler_options = {"xla_no_such_option": True}
+    update = loop.jit_update_fn(config, loss_fn, mesh, sharding_lib.DEFAULT_RULES, shardings)
+    with pytest.raises(Exception, match="xla_no_such_option"):
+        update(fresh(), batch)
