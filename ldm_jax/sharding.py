@@ -181,6 +181,29 @@ def tree_shardings(tree, mesh: Mesh, rules=DEFAULT_RULES):
     )
 
 
+def avoid_shardy_conv_gradient_bug(mesh: Mesh) -> bool:
+    """Switch jit to the GSPMD partitioner when `mesh` splits data, fsdp and tensor all at once.
+
+    jax 0.10.2's default partitioner, Shardy, gets convolution kernel gradients wrong on such a
+    mesh: two chained convolutions whose kernels are split (fsdp, tensor) over their
+    (input, output) channels, on a batch split over data x fsdp, give a first-kernel gradient
+    off by ~100% (any two of the three axes are exact; GSPMD is exact on all of them; see
+    tests/test_sharding.py). The switch is process-wide (`jax_use_shardy_partitioner`) and
+    logged; GSPMD prints a deprecation warning. Returns whether it switched.
+    """
+    sizes = dict(zip(mesh.axis_names, mesh.devices.shape))
+    if not all(sizes.get(a, 1) > 1 for a in MESH_AXES) or not jax.config.jax_use_shardy_partitioner:
+        return False
+    logging.getLogger("ldm_jax").warning(
+        "mesh %s splits data, fsdp and tensor: using the GSPMD partitioner, since Shardy "
+        "(jax %s) computes wrong convolution gradients on such meshes",
+        sizes,
+        jax.__version__,
+    )
+    jax.config.update("jax_use_shardy_partitioner", False)
+    return True
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 

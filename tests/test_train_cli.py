@@ -551,7 +551,9 @@ def _random_inception_weights(path):
     from ldm_jax.models import inception
 
     model = inception.FIDInceptionV3()
-    params = model.init(jax.random.key(0), jnp.zeros((1, 75, 75, 3), jnp.uint8))["params"]
+    # jitted: flax's init run eagerly dispatches and compiles the 94 layers' ops one by one (16 s)
+    init = jax.jit(lambda key: model.init(key, jnp.zeros((1, 75, 75, 3), jnp.uint8))["params"])
+    params = init(jax.random.key(0))
     params = jax.tree_util.tree_map_with_path(
         lambda p, v: v * np.sqrt(2.0) if p[-1].key == "kernel" else v, params
     )

@@ -193,7 +193,10 @@ def jit_update_fn(config, loss_fn: Callable, mesh, rules, state_shardings):
     """The trainers' update step as `run` compiles it: `make_update_fn` with the config's
     optimizer, EMA, seed and micro-batches, jitted with the declared state and batch shardings,
     replicated metrics, and the old state donated. On CPU devices, XLA compiles it with
-    `config.cpu_compiler_options` (XLA DebugOptions fields, e.g. XLA:CPU tuning)."""
+    `config.cpu_compiler_options` (XLA DebugOptions fields, e.g. XLA:CPU tuning). A mesh that
+    splits data, fsdp and tensor at once switches the process to GSPMD
+    (`sharding.avoid_shardy_conv_gradient_bug`)."""
+    sharding_lib.avoid_shardy_conv_gradient_bug(mesh)
     optimizer = make_optimizer(config.optimizer, config.num_train_steps)
     options = dict(config.get("cpu_compiler_options", None) or {})
     on_cpu = mesh.devices.flat[0].platform == "cpu"
