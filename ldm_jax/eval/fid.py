@@ -93,10 +93,11 @@ def _check_gaussian(mu, sigma, name: str) -> tuple[np.ndarray, np.ndarray]:
     return mu, (sigma + sigma.T) / 2  # eigh reads one triangle; exact for a symmetric sigma
 
 
-def _psd_sqrt(sigma: np.ndarray) -> np.ndarray:
-    """Symmetric square root of a symmetric PSD matrix; round-off negative eigenvalues -> 0."""
+def _psd_eigen(sigma: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(square roots of the eigenvalues, eigenvectors) of a symmetric PSD matrix; round-off
+    negative eigenvalues -> 0."""
     eigenvalues, eigenvectors = np.linalg.eigh(sigma)
-    return (eigenvectors * np.sqrt(np.clip(eigenvalues, 0, None))) @ eigenvectors.T
+    return np.sqrt(np.clip(eigenvalues, 0, None)), eigenvectors
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
@@ -116,8 +117,16 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     # eigvalsh of a formed B^T B: with singular covariances (fewer samples than dims) forming B^T B
     # leaves ~eps |B|^2 of round-off on its zero eigenvalues, which the square root makes ~sqrt(eps)
     # |B| each (FID(a, a) = -4e-6 at 50 samples in 128 dims, as with sqrtm); the SVD's is ~eps |B|.
-    b = _psd_sqrt(sigma2) @ _psd_sqrt(sigma1)
-    trace_sqrt = np.linalg.svd(b, compute_uv=False).sum()
+    # With s = V diag(r^2) V^T, B = V2 diag(r2) V2^T V1 diag(r1) V1^T has the singular values of
+    # C = diag(r2) (V2^T V1) diag(r1) (orthogonal factors do not change them), and the rows and
+    # columns of C where r = 0 are zero and dropped: a sample covariance of n < d images has
+    # d - n round-off eigenvalues, about half of them negative, so C shrinks (2048-d FID of 12 images: 2.2 s instead of 3.7 s on the 2-core Xeon; full rank: the same
+    # ~4 s, and the same value to 4e-15).
+    r1, v1 = _psd_eigen(sigma1)
+    r2, v2 = _psd_eigen(sigma2)
+    k1, k2 = r1 > 0, r2 > 0
+    c = r2[k2, None] * (v2[:, k2].T @ v1[:, k1]) * r1[None, k1]
+    trace_sqrt = np.linalg.svd(c, compute_uv=False).sum() if c.size else 0.0
     diff = mu1 - mu2
     distance = diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_sqrt
     return max(float(distance), 0.0)  # >= 0 in exact arithmetic; a negative value is round-off
