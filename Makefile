@@ -47,7 +47,7 @@ demo: install
 	$(BIN)/ldm-jax eval adherence --workdir $(RUNS)/ldm --guidance-scales 0 4 --steps 25
 
 test: install-test
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder
 
 clean:
 	rm -rf $(RUNS)

@@ -37,6 +37,34 @@ os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.5"
 jax.config.update("jax_compilation_cache_dir", str(_cache))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
+# Test files by their measured time (seconds of test time, fixtures included, on the 2-core
+# Xeon, 2026-12-07: benchmarks/suite_profile.py). `make test` hands whole files to its two
+# workers in collection order (--dist loadfile --no-loadscope-reorder), so the longest start
+# first and the short ones fill in at the end: otherwise test_train_cli.py, a third of the
+# suite, could start last and leave the other worker idle for minutes (16:38 instead of ~13 min).
+# A file missing here comes after these, in pytest's order.
+LONGEST_FIRST = (
+    "test_train_cli.py",  # 448
+    "test_finetune.py",  # 171
+    "test_faults.py",  # 170
+    "test_sd_pipeline.py",  # 124
+    "test_sharding.py",  # 109
+    "test_samplers_k.py",  # 88
+    "test_datasets.py",  # 76
+    "test_gpu_check.py",  # 58
+    "test_convert.py",  # 51
+    "test_samplers_img2img.py",  # 46
+    "test_multiprocess.py",  # 36
+    "test_models.py",  # 32
+    "test_samplers_dpm.py",  # 27
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable within a file
+
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 
