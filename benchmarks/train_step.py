@@ -24,8 +24,7 @@ import sys
 import time
 
 # Runnable as a plain script from a checkout: timing.py beside it, ldm_jax one level up.
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import jax
@@ -42,6 +41,7 @@ from ldm_jax.train import autoencoder as autoencoder_stage
 from ldm_jax.train import ldm as ldm_stage
 from ldm_jax.train import loop
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHAPES = os.path.join(REPO, "configs", "shapes.py")
 
 
@@ -162,7 +162,9 @@ def jax_updater(config, loss_fn, init_fn):
     if config.get("cpu_compiler_options"):
         with config.unlocked():
             config.cpu_compiler_options = {}
-        updates["ldm_jax, XLA defaults"] = loop.jit_update_fn(config, loss_fn, mesh, rules, shardings)
+        updates["ldm_jax, XLA defaults"] = loop.jit_update_fn(
+            config, loss_fn, mesh, rules, shardings
+        )
     return mesh, state, updates
 
 
@@ -198,7 +200,9 @@ def autoencoder_contenders(config, rng, with_torch: bool):
     if variables is None:
         variables = model.init(jax.random.key(config.seed), jnp.zeros((1, size, size, 3)))
     loss_fn = autoencoder_stage.make_loss_fn(model, config.autoencoder_loss)
-    mesh, state, updates = jax_updater(config, loss_fn, lambda: loop.init_state(variables, optimizer))
+    mesh, state, updates = jax_updater(
+        config, loss_fn, lambda: loop.init_state(variables, optimizer)
+    )
     return mesh, state, updates, {"image": images}, torch_step, agreement
 
 
@@ -228,8 +232,13 @@ def ldm_contenders(config, rng, with_torch: bool):
             "unet": to_jax("unet", ldm.unet, unet),
         }
         alphas_cumprod = torch.from_numpy(np.array(ldm.schedule.alphas_cumprod, np.float32))
-        mean, std = (torch.from_numpy(batch[k]).permute(0, 3, 1, 2) for k in ("latent_mean", "latent_std"))
-        ids = {k: torch.from_numpy(np.asarray(batch[k], np.int64)) for k in ("caption_ids", "canonical_ids")}
+        mean, std = (
+            torch.from_numpy(batch[k]).permute(0, 3, 1, 2) for k in ("latent_mean", "latent_std")
+        )
+        ids = {
+            k: torch.from_numpy(np.asarray(batch[k], np.int64))
+            for k in ("caption_ids", "canonical_ids")
+        }
         empty = torch.from_numpy(np.asarray(empty_ids, np.int64))[None]
 
         def torch_loss():
@@ -261,8 +270,12 @@ def ldm_contenders(config, rng, with_torch: bool):
             k_text, k_unet = jax.random.split(jax.random.key(config.seed))
             context = jnp.zeros((1, tok.context_length, config.text_encoder.hidden_size))
             p = {
-                "text_encoder": ldm.text_encoder.init(k_text, jnp.zeros((1, tok.context_length), jnp.int32)),
-                "unet": ldm.unet.init(k_unet, jnp.zeros((1, lat, lat, ch)), jnp.zeros((1,)), context),
+                "text_encoder": ldm.text_encoder.init(
+                    k_text, jnp.zeros((1, tok.context_length), jnp.int32)
+                ),
+                "unet": ldm.unet.init(
+                    k_unet, jnp.zeros((1, lat, lat, ch)), jnp.zeros((1,)), context
+                ),
             }
         return loop.init_state(p, optimizer, {"latent_scale": jnp.asarray(1.0)})
 

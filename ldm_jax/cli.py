@@ -171,7 +171,9 @@ def _check_inputs(args) -> None:
         flag = "--inception-weights" if args.inception_weights else "$LDM_JAX_INCEPTION_WEIGHTS"
         paths.append((flag, args.inception_weights or env, "file"))
     for flag, path, kind in paths:
-        if path and not (pathlib.Path(path).is_dir() if kind == "folder" else pathlib.Path(path).is_file()):
+        if path and not (
+            pathlib.Path(path).is_dir() if kind == "folder" else pathlib.Path(path).is_file()
+        ):
             raise FileNotFoundError(f"{flag} {path}: no such {kind}")
 
 

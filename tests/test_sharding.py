@@ -355,10 +355,14 @@ def test_meshes_splitting_data_fsdp_and_tensor_train_with_gspmd(restores_the_par
     on data x fsdp x tensor too (a newer jax), the workaround can go: this test says so."""
     reference = _two_convolutions_gradients()
     relative = lambda grads: max(
-        float(np.linalg.norm(np.asarray(a) - b) / np.linalg.norm(b)) for a, b in zip(grads, reference)
+        float(np.linalg.norm(np.asarray(a) - b) / np.linalg.norm(b))
+        for a, b in zip(grads, reference)
     )
-    for layout in ({"data": 2, "fsdp": 4, "tensor": 1}, {"data": 4, "fsdp": 1, "tensor": 2},
-                   {"data": 1, "fsdp": 4, "tensor": 2}):
+    for layout in (
+        {"data": 2, "fsdp": 4, "tensor": 1},
+        {"data": 4, "fsdp": 1, "tensor": 2},
+        {"data": 1, "fsdp": 4, "tensor": 2},
+    ):
         mesh = sharding_lib.make_mesh(layout)
         assert not sharding_lib.avoid_shardy_conv_gradient_bug(mesh)  # stays on Shardy
         assert relative(_two_convolutions_gradients(mesh)) < 1e-5, layout

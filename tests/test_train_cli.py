@@ -406,7 +406,11 @@ def test_import_ldm_jax_is_light():
 def test_clip_tokenizer_config_builds_a_matching_text_encoder(clip_tokenizer_dir):
     config = load_config(
         SHAPES + ":ldm,smoke",
-        ["tokenizer.name=clip", f"tokenizer.path={clip_tokenizer_dir}", "tokenizer.context_length=77"],
+        [
+            "tokenizer.name=clip",
+            f"tokenizer.path={clip_tokenizer_dir}",
+            "tokenizer.context_length=77",
+        ],
     )
     model = pipeline.LatentDiffusion.from_config(config)
     assert model.text_encoder.vocab_size == 49408 and model.text_encoder.eos_token_id == 49407
@@ -498,7 +502,9 @@ def test_sample_out_is_checked_before_sampling_and_never_overwritten(
     model = pipeline.load_from_workdir(lat)
     with pytest.raises(ValueError, match="guidance_scale must be finite"):
         pipeline.generate(model, ["x"], seeds=[0], guidance_scale=float("nan"))
-    with pytest.raises(ValueError, match=r"seeds must be integers in \[0, 2\*\*32 - 1\], got \[-5\]"):
+    with pytest.raises(
+        ValueError, match=r"seeds must be integers in \[0, 2\*\*32 - 1\], got \[-5\]"
+    ):
         pipeline.generate(model, ["x"], seeds=[-5])
 
 

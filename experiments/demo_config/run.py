@@ -28,29 +28,37 @@ import pathlib
 import re
 import subprocess
 import sys
-import time
 
-REPO = pathlib.Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
 
 import numpy as np
 
+REPO = pathlib.Path(__file__).resolve().parents[2]
 CONFIG = REPO / "configs" / "shapes.py"
 DEMO_AE = "ae_b8_1600"
 
 # name -> (stage, overrides of configs/shapes.py). The demo's own settings: ae_b8_1600, ldm_demo.
-BYTES_128 = ["tokenizer.name=byte", "tokenizer.context_length=77", "unet.block_out_channels=(64,128)"]
+BYTES_128 = [
+    "tokenizer.name=byte",
+    "tokenizer.context_length=77",
+    "unet.block_out_channels=(64,128)",
+]
 VARIANTS: dict[str, tuple[str, list[str]]] = {
     "ae_b64_600": ("autoencoder", ["batch_size=64", "num_train_steps=600"]),  # the old demo's
     "ae_b64_300": ("autoencoder", ["batch_size=64", "num_train_steps=300"]),
     "ae_small_b64_600": (
         "autoencoder",
-        ["batch_size=64", "num_train_steps=600", "autoencoder.block_out_channels=(8,16,32)",
-         "autoencoder.norm_num_groups=4"],
+        [
+            "batch_size=64",
+            "num_train_steps=600",
+            "autoencoder.block_out_channels=(8,16,32)",
+            "autoencoder.norm_num_groups=4",
+        ],
     ),
     "ae_b32_500": ("autoencoder", ["batch_size=32", "num_train_steps=500"]),
     "ae_b32_500_lr6e-3": (
-        "autoencoder", ["batch_size=32", "num_train_steps=500", "optimizer.learning_rate=6e-3"]
+        "autoencoder",
+        ["batch_size=32", "num_train_steps=500", "optimizer.learning_rate=6e-3"],
     ),
     "ae_b16_800": ("autoencoder", ["batch_size=16", "num_train_steps=800"]),
     "ae_b16_1000": ("autoencoder", ["batch_size=16", "num_train_steps=1000"]),
@@ -58,10 +66,18 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "ae_b8_1600": ("autoencoder", []),  # the demo's
     "ae_b8_1600_seed1": ("autoencoder", ["seed=1"]),
     "ae_b4_2400": ("autoencoder", ["batch_size=4", "num_train_steps=2400"]),
-    "ae_small_b8_1600": ("autoencoder", ["autoencoder.block_out_channels=(8,16,32)",
-                                         "autoencoder.norm_num_groups=4"]),
-    "ae_small_b8_2400": ("autoencoder", ["autoencoder.block_out_channels=(8,16,32)",
-                                         "autoencoder.norm_num_groups=4", "num_train_steps=2400"]),
+    "ae_small_b8_1600": (
+        "autoencoder",
+        ["autoencoder.block_out_channels=(8,16,32)", "autoencoder.norm_num_groups=4"],
+    ),
+    "ae_small_b8_2400": (
+        "autoencoder",
+        [
+            "autoencoder.block_out_channels=(8,16,32)",
+            "autoencoder.norm_num_groups=4",
+            "num_train_steps=2400",
+        ],
+    ),
     # The old demo's text encoder input (bytes) and U-Net, at batch 32 / 16 / 8 in the same time.
     "ldm_bytes_b32_1550": ("ldm", [*BYTES_128, "num_train_steps=1550"]),
     "ldm_bytes_b16_2900": ("ldm", [*BYTES_128, "batch_size=16", "num_train_steps=2900"]),
@@ -77,7 +93,11 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "ldm_words_128_1550": ("ldm", ["unet.block_out_channels=(64,128)", "num_train_steps=1550"]),
     "ldm_words_128_1700_lr3e-3": (
         "ldm",
-        ["unet.block_out_channels=(64,128)", "num_train_steps=1700", "optimizer.learning_rate=3e-3"],
+        [
+            "unet.block_out_channels=(64,128)",
+            "num_train_steps=1700",
+            "optimizer.learning_rate=3e-3",
+        ],
     ),
     "ldm_words_64_2600": ("ldm", ["num_train_steps=2600"]),
     "ldm_demo": ("ldm", []),  # the demo's: word tokens, U-Net (64, 64), 3000 steps
@@ -128,7 +148,9 @@ def score_autoencoder(workdir: pathlib.Path, num_images: int = 500) -> dict:
     images = load_dataset(config, "test")["image"][:num_images]
     x = image_lib.to_model_range(images)
     reconstruct = jax.jit(
-        lambda p, x: model.apply(p, model.apply(p, x, method=model.encode).mode(), method=model.decode)
+        lambda p, x: model.apply(
+            p, model.apply(p, x, method=model.encode).mode(), method=model.decode
+        )
     )
     recon = np.asarray(reconstruct(params, x))
     same = {"color": 0, "shape": 0}
@@ -167,10 +189,14 @@ def main(argv=None):
     for name in names:
         seconds = train(name, out, args.data_dir)
         stage, overrides = VARIANTS[name]
-        scores = score_autoencoder(out / name) if stage == "autoencoder" else score_ldm(
-            out / name, args.eval_seed
+        scores = (
+            score_autoencoder(out / name)
+            if stage == "autoencoder"
+            else score_ldm(out / name, args.eval_seed)
         )
-        rows.append({"name": name, "stage": stage, "overrides": overrides, "seconds": seconds, **scores})
+        rows.append(
+            {"name": name, "stage": stage, "overrides": overrides, "seconds": seconds, **scores}
+        )
         print(json.dumps(rows[-1]), flush=True)
     lines = ["| variant | overrides | train wall | scores |", "|---|---|---:|---|"]
     for r in rows:
@@ -179,7 +205,9 @@ def main(argv=None):
             for k, v in r.items()
             if k not in ("name", "stage", "overrides", "seconds")
         )
-        lines.append(f"| {r['name']} | {' '.join(r['overrides'])} | {r['seconds']:.0f} s | {scores} |")
+        lines.append(
+            f"| {r['name']} | {' '.join(r['overrides'])} | {r['seconds']:.0f} s | {scores} |"
+        )
     (out / "table.md").write_text("\n".join(lines) + "\n")
     (out / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
     print("\n".join(lines))
