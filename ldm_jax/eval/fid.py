@@ -120,8 +120,9 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     # With s = V diag(r^2) V^T, B = V2 diag(r2) V2^T V1 diag(r1) V1^T has the singular values of
     # C = diag(r2) (V2^T V1) diag(r1) (orthogonal factors do not change them), and the rows and
     # columns of C where r = 0 are zero and dropped: a sample covariance of n < d images has
-    # d - n round-off eigenvalues, about half of them negative, so C shrinks (2048-d FID of 12 images: 2.2 s instead of 3.7 s on the 2-core Xeon; full rank: the same
-    # ~4 s, and the same value to 4e-15).
+    # d - n round-off eigenvalues, about half of them negative, so C shrinks (2048-d FID of 12
+    # images: 2.2 s instead of 3.7 s on the 2-core Xeon; full rank: the same ~4 s, and the same
+    # value to 4e-15).
     r1, v1 = _psd_eigen(sigma1)
     r2, v2 = _psd_eigen(sigma2)
     k1, k2 = r1 > 0, r2 > 0
