@@ -7,6 +7,11 @@ summary of the records.
     python benchmarks/suite_profile.py /tmp/suite.jsonl        # the table
 
 Tests that run the CLI in a subprocess count only as wall time (the events are per process).
+With SUITE_PROFILE_PROGRAMS=FILE set, every XLA compilation is also written there (test, function
+name, seconds, persistent-cache key, whether the cache answered), so that programs compiled more
+than once can be found:
+
+    python benchmarks/suite_profile.py --programs /tmp/programs.jsonl
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ TRACE = "/jax/core/compile/jaxpr_trace_duration"
 LOWER = "/jax/core/compile/jaxpr_to_mlir_module_duration"
 SAVED = "/jax/compilation_cache/compile_time_saved_sec"
 
-_current: dict = {"id": None}
+_current: dict = {"id": None, "key": None, "hit": False}
 _seconds: dict = collections.defaultdict(lambda: collections.defaultdict(float))
 
 
@@ -32,12 +37,29 @@ def _listener(event, duration, **kwargs):
     record = _seconds[_current["id"]]
     record[event] += duration
     record[event + "#n"] += 1
+    if event == SAVED:
+        _current["hit"] = True
+    programs = os.environ.get("SUITE_PROFILE_PROGRAMS")
+    if event == BACKEND and programs:
+        row = {"id": _current["id"], "fun": kwargs.get("fun_name"), "seconds": duration}
+        row.update(key=_current["key"], hit=_current["hit"])
+        with open(programs, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        _current.update(key=None, hit=False)
 
 
 def pytest_configure(config):
     import jax.monitoring
+    from jax._src import compilation_cache
 
     jax.monitoring.register_event_duration_secs_listener(_listener)
+    get_cache_key = compilation_cache.get_cache_key
+
+    def recording_get_cache_key(*args, **kwargs):  # the key of the program being compiled
+        _current["key"] = get_cache_key(*args, **kwargs)
+        return _current["key"]
+
+    compilation_cache.get_cache_key = recording_get_cache_key
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -77,5 +99,38 @@ def summary(path, top: int = 30) -> str:
     return "\n".join(lines)
 
 
+def programs_summary(path, top: int = 25) -> str:
+    """Programs by total compile time, those compiled more than once first."""
+    rows = [json.loads(line) for line in open(path)]
+    by_key = collections.defaultdict(list)
+    for r in rows:
+        by_key[r["key"] or f"uncached:{r['fun']}:{r['id']}"].append(r)
+    total = sum(r["seconds"] for r in rows)
+    hits = sum(r["seconds"] for r in rows if r["hit"])
+    small = [r for r in rows if r["seconds"] < 0.5 and not r["hit"]]
+    repeated = [g for g in by_key.values() if len(g) > 1]
+    again = sum(sum(r["seconds"] for r in g if not r["hit"]) - g[0]["seconds"] for g in repeated)
+    lines = [
+        f"{len(rows)} compilations, {total:.0f} s; answered by the cache: "
+        f"{sum(r['hit'] for r in rows)} ({hits:.0f} s); under 0.5 s: {len(small)} "
+        f"({sum(r['seconds'] for r in small):.0f} s); {len(by_key)} distinct programs, "
+        f"{len(repeated)} compiled more than once (repeats not from the cache: {again:.0f} s)",
+        "",
+        "| times | cache hits | seconds | function | tests |",
+        "|---:|---:|---:|---|---|",
+    ]
+    groups = sorted(by_key.values(), key=lambda g: -sum(r["seconds"] for r in g))
+    for g in groups[:top]:
+        tests = sorted({r["id"].split("::")[-1][:40] for r in g if r["id"]})
+        lines.append(
+            f"| {len(g)} | {sum(r['hit'] for r in g)} | {sum(r['seconds'] for r in g):.1f} "
+            f"| {g[0]['fun']} | {', '.join(tests[:3])}{' ...' if len(tests) > 3 else ''} |"
+        )
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
-    print(summary(sys.argv[1]))
+    if sys.argv[1] == "--programs":
+        print(programs_summary(sys.argv[2]))
+    else:
+        print(summary(sys.argv[1]))

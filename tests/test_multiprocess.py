@@ -15,7 +15,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import REPO
+from conftest import FAST_COMPILE_XLA_FLAGS, REPO
 from ldm_jax.config import load_config
 from ldm_jax.data.pipeline import StepIndexedBatches, load_dataset
 from ldm_jax.train import autoencoder
@@ -61,7 +61,7 @@ def test_two_processes_train_agree_and_write_a_checkpoint_one_process_restores(d
         DEVICES_PER_PROCESS="2",
         LOG_DIR=str(logs),
         JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir,
-        EXTRA_XLA_FLAGS="--xla_backend_optimization_level=0",  # as conftest.py: same numerics
+        EXTRA_XLA_FLAGS=FAST_COMPILE_XLA_FLAGS,  # as in this process: the same numerics
     )
     fields = {"data.data_dir": data_dir, **FIELDS, **HYBRID}
     overrides = [f"--config.{k}={v}" for k, v in fields.items()]
