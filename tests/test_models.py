@@ -219,6 +219,71 @@ def test_unet_matches_diffusers(variant):
     np.testing.assert_allclose(ours, want.numpy().transpose(0, 2, 3, 1), atol=2e-5, rtol=1e-4)
 
 
+def test_unet_conditioning_hooks_match_diffusers():
+    """The inputs later capabilities feed the U-Net, against diffusers' forward: LCM's guidance
+    embedding (`timestep_cond` through `time_embedding.cond_proj`) and ControlNet's residuals on
+    every skip connection and after the mid block. Random residuals: zeros would prove nothing."""
+    torch = pytest.importorskip("torch")
+    from diffusers import LatentConsistencyModelPipeline
+
+    from ldm_jax.convert.configs import unet_fields, unet_to_config
+
+    fields = {
+        "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+        "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
+        "block_out_channels": [32, 64],
+        "layers_per_block": 1,
+        "attention_head_dim": 2,
+        "cross_attention_dim": 48,
+        "norm_num_groups": 8,
+        "time_cond_proj_dim": 7,  # odd: the embedding's zero padding too
+    }
+    ref, model, params = _unet_pair(fields)
+    assert unet_fields(dict(ref.config))["time_cond_proj_dim"] == 7
+    assert unet_to_config(model)["time_cond_proj_dim"] == 7
+
+    w = np.array([3.0, 7.5], np.float32) - 1  # diffusers' LCM pipeline embeds guidance - 1
+    cond = layers.guidance_scale_embedding(jnp.asarray(w), 7)
+    want_cond = LatentConsistencyModelPipeline.get_guidance_scale_embedding(
+        None, torch.from_numpy(w), embedding_dim=7
+    )
+    np.testing.assert_allclose(cond, want_cond.numpy(), atol=2e-6 * 1000 * w.max(), rtol=0)
+
+    x = jax.random.normal(KEY, (2, 8, 8, 4))
+    ctx = jax.random.normal(jax.random.key(1), (2, 5, 48))
+    t = np.array([3.0, 750.25], np.float32)
+    rng = np.random.default_rng(1)
+    # conv_in, level 0's resnet and downsampler, level 1's resnet; then the mid block's output
+    skip_shapes = [(2, 8, 8, 32), (2, 8, 8, 32), (2, 4, 4, 32), (2, 4, 4, 64)]
+    down = [jnp.asarray(rng.normal(size=s), jnp.float32) for s in skip_shapes]
+    mid = jnp.asarray(rng.normal(size=(2, 4, 4, 64)), jnp.float32)
+    hooks = dict(down_block_additional_residuals=down, mid_block_additional_residual=mid)
+    assert_same_tree(model, params, x, t, ctx, timestep_cond=cond)
+    apply = jax.jit(lambda p, *args, **kw: model.apply(p, *args, **kw))
+    ours = apply(params, x, jnp.asarray(t), ctx, timestep_cond=cond, **hooks)
+    with torch.no_grad():
+        want = ref(
+            nchw(x),
+            torch.from_numpy(t),
+            torch.from_numpy(np.array(ctx)),
+            timestep_cond=torch.from_numpy(np.array(cond)),
+            down_block_additional_residuals=tuple(nchw(d) for d in down),
+            mid_block_additional_residual=nchw(mid),
+        ).sample
+    np.testing.assert_allclose(ours, want.numpy().transpose(0, 2, 3, 1), atol=2e-5, rtol=1e-4)
+    plain = apply(params, x, jnp.asarray(t), ctx, timestep_cond=cond)
+    assert float(jnp.abs(plain - ours).max()) > 0.1  # the residuals reach the output
+
+    with pytest.raises(ValueError, match="3 additional residuals for 4 skip connections"):
+        model.apply(params, x, t, ctx, timestep_cond=cond, down_block_additional_residuals=down[:3])
+    with pytest.raises(ValueError, match=r"shape \(2, 4, 4, 32\), its mid block \(2, 4, 4, 64\)"):
+        model.apply(
+            params, x, t, ctx, timestep_cond=cond, mid_block_additional_residual=down[3][..., :32]
+        )
+    with pytest.raises(ValueError, match=r"takes a condition of shape \(2, 7\)"):
+        model.apply(params, x, t, ctx)
+
+
 def test_vae_matches_diffusers():
     torch = pytest.importorskip("torch")
     import diffusers

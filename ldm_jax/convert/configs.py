@@ -52,6 +52,7 @@ UNET_DEFAULTS: dict[str, Any] = {
     "addition_time_embed_dim": None,
     "upcast_attention": False,
     "projection_class_embeddings_input_dim": None,
+    "time_cond_proj_dim": None,
 }
 # Options that must keep these values (None in a config means the default too).
 UNET_FIXED: dict[str, Any] = {
@@ -74,7 +75,6 @@ UNET_FIXED: dict[str, Any] = {
     "time_embedding_dim": None,
     "time_embedding_act_fn": None,
     "timestep_post_act": None,
-    "time_cond_proj_dim": None,
     "conv_in_kernel": 3,
     "conv_out_kernel": 3,
     "attention_type": "default",

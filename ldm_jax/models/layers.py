@@ -77,18 +77,42 @@ def conv(features: int, kernel: int, dtype: Dtype, name: str, stride: int = 1, p
     )
 
 
+def guidance_scale_embedding(w: jax.Array, dim: int) -> jax.Array:
+    """LCM's embedding of the guidance scale (Luo et al. 2023, Sec. 4.2; diffusers'
+    `LatentConsistencyModelPipeline.get_guidance_scale_embedding`): sinusoids of 1000 w, [sin, cos]
+    with frequencies exp(-log(10^4) i / (dim/2 - 1)), zero-padded to an odd `dim`. The U-Net's
+    `timestep_cond` (diffusers' LCM pipeline passes w = guidance_scale - 1). w: [B] -> [B, dim]."""
+    return get_timestep_embedding(jnp.asarray(w, jnp.float32) * 1000.0, dim, False, 1.0)
+
+
 def dense(features: int, dtype: Dtype, name: str, use_bias: bool = True) -> nn.Dense:
     return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=PARAM_DTYPE, name=name)
 
 
 class TimestepEmbedding(nn.Module):
-    """diffusers `TimestepEmbedding`: linear_1 -> SiLU -> linear_2. [B, in] -> [B, time_embed_dim]."""
+    """diffusers `TimestepEmbedding`: linear_1 -> SiLU -> linear_2. [B, in] -> [B, time_embed_dim].
+
+    cond_proj_dim: a second input (`condition` [B, cond_proj_dim], LCM's guidance-scale embedding)
+    is projected by a bias-free `cond_proj` to the input's width and added before linear_1.
+    """
 
     time_embed_dim: int
     dtype: Dtype = jnp.float32
+    cond_proj_dim: int | None = None
 
     @nn.compact
-    def __call__(self, emb: jax.Array) -> jax.Array:
+    def __call__(self, emb: jax.Array, condition: jax.Array | None = None) -> jax.Array:
+        if self.cond_proj_dim is not None:
+            if condition is None or condition.shape != (emb.shape[0], self.cond_proj_dim):
+                got = None if condition is None else condition.shape
+                raise ValueError(
+                    f"this embedding takes a condition of shape {(emb.shape[0], self.cond_proj_dim)}"
+                    f" (cond_proj_dim), got {got}"
+                )
+            cond = dense(emb.shape[-1], self.dtype, "cond_proj", use_bias=False)
+            emb = emb + cond(condition.astype(self.dtype))
+        elif condition is not None:
+            raise ValueError("a condition was given to an embedding without cond_proj_dim")
         emb = dense(self.time_embed_dim, self.dtype, "linear_1")(emb)
         return dense(self.time_embed_dim, self.dtype, "linear_2")(nn.silu(emb))
 

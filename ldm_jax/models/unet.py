@@ -125,6 +125,19 @@ class _Block(nn.Module):
         return h if self.up else (h, tuple(outputs))
 
 
+def _add_residuals(features, residuals, dtype, what: str = "skip connection") -> list:
+    """features[i] + residuals[i], the counts and shapes checked (ControlNet's outputs)."""
+    residuals = list(residuals)
+    if len(residuals) != len(features):
+        raise ValueError(
+            f"{len(residuals)} additional residuals for {len(features)} {what}s of this U-Net"
+        )
+    for i, (f, r) in enumerate(zip(features, residuals)):
+        if r.shape != f.shape:
+            raise ValueError(f"additional residual {i} has shape {r.shape}, its {what} {f.shape}")
+    return [f + r.astype(dtype) for f, r in zip(features, residuals)]
+
+
 class UNetMidBlock2DCrossAttn(nn.Module):
     """diffusers `UNetMidBlock2DCrossAttn`: resnets_0 -> attentions_0 -> resnets_1 (num_layers=1)."""
 
@@ -212,6 +225,9 @@ class UNet2DConditionModel(nn.Module):
     addition_embed_type: str | None = None  # None or "text_time" (SDXL)
     addition_time_embed_dim: int | None = None  # SDXL: 256
     projection_class_embeddings_input_dim: int | None = None  # SDXL: 2816 = 1280 + 6 * 256
+    # LCM students (Luo et al. 2023, Sec. 4.2): the guidance scale w enters as an embedding
+    # (`timestep_cond`, [B, time_cond_proj_dim]) added to the timestep features.
+    time_cond_proj_dim: int | None = None
     attention_implementation: str | None = None  # layers.ATTENTION_IMPLEMENTATIONS; None = auto
     remat_policy: str = "none"  # REMAT_POLICIES: recompute block activations in the backward pass
     dtype: Dtype = jnp.float32
@@ -224,6 +240,10 @@ class UNet2DConditionModel(nn.Module):
         encoder_hidden_states: jax.Array,
         train: bool = False,
         added_cond_kwargs: dict[str, jax.Array] | None = None,
+        *,
+        timestep_cond: jax.Array | None = None,
+        down_block_additional_residuals: Sequence[jax.Array] | None = None,
+        mid_block_additional_residual: jax.Array | None = None,
     ) -> jax.Array:
         """Predict the model output (eps / v / x0, per the training objective).
 
@@ -234,6 +254,14 @@ class UNet2DConditionModel(nn.Module):
           train: enables dropout (needs a "dropout" rng when dropout > 0).
           added_cond_kwargs: SDXL only: {"text_embeds": [B, 1280], "time_ids": [B, 6]} (base)
             or [B, 5] (refiner: sizes, crop and aesthetic score).
+          timestep_cond: [B, time_cond_proj_dim], required when that field is set (LCM's
+            guidance embedding, `layers.guidance_scale_embedding`).
+          down_block_additional_residuals: one array per skip connection (conv_in's output, every
+            down resnet / transformer output and every downsampler output, in that order: what
+            ControlNet returns), each added to its skip before the up path reads it.
+          mid_block_additional_residual: added to the mid block's output (ControlNet's last).
+          All three as diffusers' `UNet2DConditionModel.forward`; without them the network and
+          its parameters are exactly the plain U-Net's.
         Returns:
           float32[B, H, W, out_channels].
         """
@@ -263,9 +291,9 @@ class UNet2DConditionModel(nn.Module):
             t, self.block_out_channels[0], self.flip_sin_to_cos, self.freq_shift
         )
         time_embed_dim = self.block_out_channels[0] * 4
-        emb = TimestepEmbedding(time_embed_dim, self.dtype, name="time_embedding")(
-            t_emb.astype(self.dtype)
-        )
+        emb = TimestepEmbedding(
+            time_embed_dim, self.dtype, cond_proj_dim=self.time_cond_proj_dim, name="time_embedding"
+        )(t_emb.astype(self.dtype), timestep_cond)
         emb = emb + self._added_embedding(added_cond_kwargs, time_embed_dim)
         context = encoder_hidden_states.astype(self.dtype)
 
@@ -287,11 +315,15 @@ class UNet2DConditionModel(nn.Module):
                 **common,
             )(h, emb, context, train=train)
             skips.extend(res)
+        if down_block_additional_residuals is not None:
+            skips = _add_residuals(skips, down_block_additional_residuals, self.dtype)
 
         # 3. middle
         h = UNetMidBlock2DCrossAttn(heads[-1], tlayers[-1], name="mid_block", **common)(
             h, emb, context, train
         )
+        if mid_block_additional_residual is not None:
+            (h,) = _add_residuals([h], [mid_block_additional_residual], self.dtype, "mid block")
 
         # 4. up path: level i mirrors down level n-1-i and consumes layers+1 skips.
         for i, block_type in enumerate(self.up_block_types):
