@@ -284,6 +284,83 @@ def test_unet_conditioning_hooks_match_diffusers():
         model.apply(params, x, t, ctx)
 
 
+def test_unet_ip_adapter_streams_match_diffusers():
+    """IP-Adapter's decoupled cross-attention: two image-prompt token streams with their own
+    scales, against diffusers' `IPAdapterAttnProcessor2_0` in every cross-attention layer (random
+    to_k_ip / to_v_ip, as torch initializes them). The tokens go in as the image projection's
+    output (diffusers: `encoder_hid_proj` of type "ip_image_proj", here the identity)."""
+    torch = pytest.importorskip("torch")
+    from diffusers.models.attention_processor import AttnProcessor2_0, IPAdapterAttnProcessor2_0
+
+    fields = {
+        "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+        "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
+        "block_out_channels": [32, 64],
+        "layers_per_block": 1,
+        "attention_head_dim": 2,
+        "cross_attention_dim": 48,
+        "norm_num_groups": 8,
+        "use_linear_projection": True,
+    }
+    ref, _, _ = _unet_pair(fields)
+    processors = {}
+    for name in ref.attn_processors:  # as diffusers' `_convert_ip_adapter_attn_to_diffusers`
+        if name.endswith("attn1.processor"):
+            processors[name] = AttnProcessor2_0()
+            continue
+        if name.startswith("mid_block"):
+            width = fields["block_out_channels"][-1]
+        else:
+            level = int(name.split(".")[1])
+            widths = fields["block_out_channels"]
+            width = (widths[::-1] if name.startswith("up_blocks") else widths)[level]
+        processors[name] = IPAdapterAttnProcessor2_0(width, 48, num_tokens=(4, 3), scale=[0.7, 1.3])
+    torch.manual_seed(1)
+    ref.set_attn_processor(processors)
+
+    class Tokens(torch.nn.Module):  # the projection's output passed through
+        def forward(self, image_embeds):
+            return image_embeds
+
+    ref.encoder_hid_proj = Tokens()
+    ref.register_to_config(encoder_hid_dim_type="ip_image_proj")
+    cfg = {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}
+    model = UNet2DConditionModel(**cfg, num_ip_adapters=2)
+    params = torch_to_flax(ref)
+
+    x = jax.random.normal(KEY, (2, 8, 8, 4))
+    ctx = jax.random.normal(jax.random.key(1), (2, 5, 48))
+    t = np.array([3.0, 750.25], np.float32)
+    rng = np.random.default_rng(2)
+    ip = [jnp.asarray(rng.normal(size=(2, n, 48)), jnp.float32) for n in (4, 3)]
+    assert_same_tree(model, params, x, t, ctx, ip_hidden_states=ip)
+    apply = jax.jit(lambda p, *args, **kw: model.apply(p, *args, **kw))
+    ours = apply(params, x, jnp.asarray(t), ctx, ip_hidden_states=ip, ip_adapter_scale=[0.7, 1.3])
+    with torch.no_grad():
+        want = ref(
+            nchw(x),
+            torch.from_numpy(t),
+            torch.from_numpy(np.array(ctx)),
+            added_cond_kwargs={"image_embeds": [torch.from_numpy(np.array(s)) for s in ip]},
+        ).sample
+    np.testing.assert_allclose(ours, want.numpy().transpose(0, 2, 3, 1), atol=2e-5, rtol=1e-4)
+
+    # Scale 0 is the text-only U-Net with the same weights (the IP projections unused).
+    off = apply(params, x, jnp.asarray(t), ctx, ip_hidden_states=ip, ip_adapter_scale=0.0)
+    text_only = jax.jit(UNet2DConditionModel(**cfg).apply)(_without_ip(params), x, t, ctx)
+    np.testing.assert_allclose(off, text_only, atol=1e-6, rtol=0)
+    assert float(jnp.abs(off - ours).max()) > 0.01
+    with pytest.raises(ValueError, match="1 ip_hidden_states for a U-Net with num_ip_adapters=2"):
+        model.apply(params, x, t, ctx, ip_hidden_states=ip[:1])
+
+
+def _without_ip(tree):
+    """A params tree without IP-Adapter's projections (`processor` entries)."""
+    if not isinstance(tree, dict):
+        return tree
+    return {k: _without_ip(v) for k, v in tree.items() if k != "processor"}
+
+
 def test_vae_matches_diffusers():
     torch = pytest.importorskip("torch")
     import diffusers

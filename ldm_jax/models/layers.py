@@ -367,6 +367,12 @@ class Attention(nn.Module):
 
     x: [B, T, query_dim] or, with norm_groups, [B, H, W, C]; context: [B, S, D] (cross-attention,
     None for self-attention); mask: bool broadcastable to [B, heads, T, S], True = attend.
+
+    num_ip_adapters = n > 0: IP-Adapter's decoupled cross-attention (Ye et al. 2023, Sec. 3.2;
+    diffusers' `IPAdapterAttnProcessor2_0`): n more token streams (`ip_hidden_states`, each
+    [B, S_i, D]) are attended by the same queries through their own bias-free key and value
+    projections (`processor/to_k_ip_i`, `processor/to_v_ip_i`, diffusers' names), and each result,
+    times its scale (`ip_scales`, [n]), is added to the text attention's before `to_out_0`.
     """
 
     heads: int
@@ -377,9 +383,10 @@ class Attention(nn.Module):
     norm_eps: float = 1e-6
     implementation: str | None = None  # one of ATTENTION_IMPLEMENTATIONS; None = "auto"
     dtype: Dtype = jnp.float32
+    num_ip_adapters: int = 0
 
     @nn.compact
-    def __call__(self, x, context=None, mask=None):
+    def __call__(self, x, context=None, mask=None, ip_hidden_states=(), ip_scales=None):
         residual = x
         spatial = x.ndim == 4
         if self.norm_groups is not None:
@@ -401,9 +408,24 @@ class Attention(nn.Module):
         out_dtype = q.dtype
         if self.upcast_attention:
             q, k, v = (t.astype(jnp.float32) for t in (q, k, v))
-        out = dot_product_attention(
+        attend = lambda k, v, mask: dot_product_attention(
             q, k, v, mask, scale=self.dim_head**-0.5, implementation=self.implementation
         ).astype(out_dtype)
+        out = attend(k, v, mask)
+        if len(ip_hidden_states) != self.num_ip_adapters:
+            raise ValueError(
+                f"{len(ip_hidden_states)} ip_hidden_states for an attention layer with "
+                f"num_ip_adapters={self.num_ip_adapters}"
+            )
+        if self.num_ip_adapters:
+            streams = _IPAdapterProjections(
+                self.num_ip_adapters, inner, self.dtype, name="processor"
+            )
+            for i, (k_i, v_i) in enumerate(streams(ip_hidden_states)):
+                k_i, v_i = split(k_i), split(v_i)
+                if self.upcast_attention:
+                    k_i, v_i = k_i.astype(jnp.float32), v_i.astype(jnp.float32)
+                out = out + jnp.asarray(ip_scales[i], out_dtype) * attend(k_i, v_i, None)
         out = out.reshape(out.shape[0], out.shape[1], inner)
         out = dense(query_dim, self.dtype, "to_out_0")(out)
         if spatial:
@@ -411,6 +433,24 @@ class Attention(nn.Module):
         if self.norm_groups is not None:  # residual_connection=True, rescale_output_factor=1
             out = out + residual
         return out
+
+
+class _IPAdapterProjections(nn.Module):
+    """The key and value projections of IP-Adapter's streams in one cross-attention layer."""
+
+    num_streams: int
+    inner: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, streams):
+        return [
+            (
+                dense(self.inner, self.dtype, f"to_k_ip_{i}", False)(s.astype(self.dtype)),
+                dense(self.inner, self.dtype, f"to_v_ip_{i}", False)(s.astype(self.dtype)),
+            )
+            for i, s in enumerate(streams)
+        ]
 
 
 class GEGLU(nn.Module):
@@ -452,22 +492,26 @@ class BasicTransformerBlock(nn.Module):
     upcast_attention: bool = False
     attention_implementation: str | None = None
     dtype: Dtype = jnp.float32
+    num_ip_adapters: int = 0  # extra streams of the cross-attention (Attention)
 
     @nn.compact
-    def __call__(self, x, context, train: bool = False):
+    def __call__(self, x, context, train: bool = False, ip_hidden_states=(), ip_scales=None):
         ln = lambda name: nn.LayerNorm(
             epsilon=1e-5, dtype=self.dtype, param_dtype=PARAM_DTYPE, name=name
         )
-        attn = lambda name: Attention(
+        attn = lambda name, streams=0: Attention(
             self.heads,
             self.dim_head,
             upcast_attention=self.upcast_attention,
             implementation=self.attention_implementation,
             dtype=self.dtype,
+            num_ip_adapters=streams,
             name=name,
         )
         x = x + attn("attn1")(ln("norm1")(x))
-        x = x + attn("attn2")(ln("norm2")(x), context)
+        x = x + attn("attn2", self.num_ip_adapters)(
+            ln("norm2")(x), context, None, ip_hidden_states, ip_scales
+        )
         x = x + FeedForward(self.dim, dtype=self.dtype, name="ff")(ln("norm3")(x), train)
         return constrain(x, ("batch", None, None))
 
@@ -488,9 +532,10 @@ class Transformer2DModel(nn.Module):
     upcast_attention: bool = False
     attention_implementation: str | None = None
     dtype: Dtype = jnp.float32
+    num_ip_adapters: int = 0  # extra streams of the cross-attention (Attention)
 
     @nn.compact
-    def __call__(self, x, context, train: bool = False):
+    def __call__(self, x, context, train: bool = False, ip_hidden_states=(), ip_scales=None):
         b, hgt, wid, c = x.shape
         inner = self.heads * self.dim_head
         residual = x
@@ -506,11 +551,12 @@ class Transformer2DModel(nn.Module):
                 inner,
                 self.heads,
                 self.dim_head,
-                self.upcast_attention,
-                self.attention_implementation,
-                self.dtype,
+                upcast_attention=self.upcast_attention,
+                attention_implementation=self.attention_implementation,
+                dtype=self.dtype,
+                num_ip_adapters=self.num_ip_adapters,
                 name=f"transformer_blocks_{i}",
-            )(h, context, train)
+            )(h, context, train, ip_hidden_states, ip_scales)
         if self.use_linear_projection:
             h = dense(c, self.dtype, "proj_out")(h).reshape(b, hgt, wid, c)
         else:

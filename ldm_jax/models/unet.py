@@ -86,9 +86,19 @@ class _Block(nn.Module):
     attention_implementation: str | None = None
     remat_policy: str = "none"
     dtype: Dtype = jnp.float32
+    num_ip_adapters: int = 0
 
     @nn.compact
-    def __call__(self, h, temb, context, skips: Sequence[jax.Array] = (), train: bool = False):
+    def __call__(
+        self,
+        h,
+        temb,
+        context,
+        skips: Sequence[jax.Array] = (),
+        train: bool = False,
+        ip_hidden_states: Sequence[jax.Array] = (),
+        ip_scales: jax.Array | None = None,
+    ):
         resnet = _remat(ResnetBlock2D, self.remat_policy)
         transformer = _remat(Transformer2DModel, self.remat_policy)
         skips = list(skips)
@@ -105,17 +115,9 @@ class _Block(nn.Module):
                 name=f"resnets_{j}",
             )(h, temb, train)
             if self.cross_attention:
-                h = transformer(
-                    self.heads,
-                    self.out_channels // self.heads,
-                    self.transformer_layers,
-                    self.norm_groups,
-                    self.use_linear_projection,
-                    self.upcast_attention,
-                    self.attention_implementation,
-                    self.dtype,
-                    name=f"attentions_{j}",
-                )(h, context, train)
+                h = transformer(**self._transformer_fields(), name=f"attentions_{j}")(
+                    h, context, train, ip_hidden_states, ip_scales
+                )
             outputs.append(h)
         if self.resample and self.up:
             h = Upsample2D(self.out_channels, self.dtype, name="upsamplers_0")(h)
@@ -123,6 +125,19 @@ class _Block(nn.Module):
             h = Downsample2D(self.out_channels, 1, self.dtype, name="downsamplers_0")(h)
             outputs.append(h)
         return h if self.up else (h, tuple(outputs))
+
+    def _transformer_fields(self) -> dict:
+        return dict(
+            heads=self.heads,
+            dim_head=self.out_channels // self.heads,
+            num_layers=self.transformer_layers,
+            norm_groups=self.norm_groups,
+            use_linear_projection=self.use_linear_projection,
+            upcast_attention=self.upcast_attention,
+            attention_implementation=self.attention_implementation,
+            dtype=self.dtype,
+            num_ip_adapters=self.num_ip_adapters,
+        )
 
 
 def _add_residuals(features, residuals, dtype, what: str = "skip connection") -> list:
@@ -151,25 +166,27 @@ class UNetMidBlock2DCrossAttn(nn.Module):
     attention_implementation: str | None = None
     remat_policy: str = "none"
     dtype: Dtype = jnp.float32
+    num_ip_adapters: int = 0
 
     @nn.compact
-    def __call__(self, h, temb, context, train: bool = False):
+    def __call__(self, h, temb, context, train: bool = False, ip_hidden_states=(), ip_scales=None):
         c = h.shape[-1]
         res = lambda i: _remat(ResnetBlock2D, self.remat_policy)(
             c, self.norm_groups, self.norm_eps, self.dropout, dtype=self.dtype, name=f"resnets_{i}"
         )
         h = res(0)(h, temb, train)
         h = _remat(Transformer2DModel, self.remat_policy)(
-            self.heads,
-            c // self.heads,
-            self.transformer_layers,
-            self.norm_groups,
-            self.use_linear_projection,
-            self.upcast_attention,
-            self.attention_implementation,
-            self.dtype,
+            heads=self.heads,
+            dim_head=c // self.heads,
+            num_layers=self.transformer_layers,
+            norm_groups=self.norm_groups,
+            use_linear_projection=self.use_linear_projection,
+            upcast_attention=self.upcast_attention,
+            attention_implementation=self.attention_implementation,
+            dtype=self.dtype,
+            num_ip_adapters=self.num_ip_adapters,
             name="attentions_0",
-        )(h, context, train)
+        )(h, context, train, ip_hidden_states, ip_scales)
         return res(1)(h, temb, train)
 
 
@@ -228,6 +245,9 @@ class UNet2DConditionModel(nn.Module):
     # LCM students (Luo et al. 2023, Sec. 4.2): the guidance scale w enters as an embedding
     # (`timestep_cond`, [B, time_cond_proj_dim]) added to the timestep features.
     time_cond_proj_dim: int | None = None
+    # IP-Adapter (Ye et al. 2023): image-prompt token streams read by every cross-attention layer
+    # through their own key / value projections (layers.Attention); 0 = the plain U-Net.
+    num_ip_adapters: int = 0
     attention_implementation: str | None = None  # layers.ATTENTION_IMPLEMENTATIONS; None = auto
     remat_policy: str = "none"  # REMAT_POLICIES: recompute block activations in the backward pass
     dtype: Dtype = jnp.float32
@@ -244,6 +264,8 @@ class UNet2DConditionModel(nn.Module):
         timestep_cond: jax.Array | None = None,
         down_block_additional_residuals: Sequence[jax.Array] | None = None,
         mid_block_additional_residual: jax.Array | None = None,
+        ip_hidden_states: Sequence[jax.Array] = (),
+        ip_adapter_scale: float | Sequence[float] = 1.0,
     ) -> jax.Array:
         """Predict the model output (eps / v / x0, per the training objective).
 
@@ -260,6 +282,9 @@ class UNet2DConditionModel(nn.Module):
             down resnet / transformer output and every downsampler output, in that order: what
             ControlNet returns), each added to its skip before the up path reads it.
           mid_block_additional_residual: added to the mid block's output (ControlNet's last).
+          ip_hidden_states: num_ip_adapters arrays [B, S_i, cross_attention_dim], the image-prompt
+            tokens of each IP-Adapter (its image projection's output), with `ip_adapter_scale`
+            (one value, or one per adapter) weighting each stream's attention output.
           All three as diffusers' `UNet2DConditionModel.forward`; without them the network and
           its parameters are exactly the plain U-Net's.
         Returns:
@@ -282,7 +307,17 @@ class UNet2DConditionModel(nn.Module):
             "attention_implementation": self.attention_implementation,
             "remat_policy": self.remat_policy,
             "dtype": self.dtype,
+            "num_ip_adapters": self.num_ip_adapters,
         }
+        if len(ip_hidden_states) != self.num_ip_adapters:
+            raise ValueError(
+                f"{len(ip_hidden_states)} ip_hidden_states for a U-Net with "
+                f"num_ip_adapters={self.num_ip_adapters}"
+            )
+        ip_scales = jnp.broadcast_to(
+            jnp.asarray(ip_adapter_scale, jnp.float32), (self.num_ip_adapters,)
+        )
+        ip = (tuple(s.astype(self.dtype) for s in ip_hidden_states), ip_scales)
 
         # 1. time: sinusoidal features (width block_out_channels[0]) -> MLP to 4x that width.
         batch = sample.shape[0]
@@ -313,14 +348,14 @@ class UNet2DConditionModel(nn.Module):
                 transformer_layers=tlayers[i],
                 name=f"down_blocks_{i}",
                 **common,
-            )(h, emb, context, train=train)
+            )(h, emb, context, (), train, *ip)
             skips.extend(res)
         if down_block_additional_residuals is not None:
             skips = _add_residuals(skips, down_block_additional_residuals, self.dtype)
 
         # 3. middle
         h = UNetMidBlock2DCrossAttn(heads[-1], tlayers[-1], name="mid_block", **common)(
-            h, emb, context, train
+            h, emb, context, train, *ip
         )
         if mid_block_additional_residual is not None:
             (h,) = _add_residuals([h], [mid_block_additional_residual], self.dtype, "mid block")
@@ -342,7 +377,7 @@ class UNet2DConditionModel(nn.Module):
                 transformer_layers=tlayers[level],
                 name=f"up_blocks_{i}",
                 **common,
-            )(h, emb, context, res, train=train)
+            )(h, emb, context, res, train, *ip)
 
         # 5. out
         h = nn.silu(group_norm(self.norm_num_groups, self.norm_eps, self.dtype, "conv_norm_out")(h))
