@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from ldm_jax.convert.inception import load_inception_params
 from ldm_jax.convert.state_dict import CheckpointError
 from ldm_jax.models import inception
 
@@ -83,7 +84,7 @@ def test_features_match_torch_fidelity(reference, size):
     images = _images((3, size, size + 8, 3), size)  # non-square: the two axes' scales differ
     with torch.no_grad():
         pool_ref, logits_ref = net(torch.from_numpy(images).permute(0, 3, 1, 2).contiguous())
-    params = inception.load_params(path)
+    params = load_inception_params(path)
     out = jax.jit(inception.FIDInceptionV3().apply)(params, images)
     # Features are O(1) (mean |pool| is printed on failure); 1e-4 absolute is float32 round-off
     # over 94 layers with differently ordered convolution sums.
@@ -132,11 +133,11 @@ def test_wrong_weights_are_named(reference, tmp_path):
     bad = tmp_path / "bad.pth"
     torch.save(state, bad)
     with pytest.raises(CheckpointError) as info:
-        inception.load_params(bad)
+        load_inception_params(bad)
     message = str(info.value)
     assert "fc.bias" in message and "AuxLogits.fc.weight" in message
     del state["AuxLogits.fc.weight"]
     state["fc.bias"] = torch.zeros(1008)
     torch.save(state, bad)
     with pytest.raises(CheckpointError, match=r"Mixed_6b.branch1x1.conv.weight: checkpoint \(10,"):
-        inception.load_params(bad)
+        load_inception_params(bad)

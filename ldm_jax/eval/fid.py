@@ -284,10 +284,10 @@ class InceptionFeatures:
     def from_file(cls, path, **kwargs) -> InceptionFeatures:
         """From pytorch-fid's `pt_inception-2015-12-05-6726825d.pth` (or torch-fidelity's file,
         or the same tensors as .safetensors)."""
-        from ldm_jax.models import inception
+        from ldm_jax.convert.inception import load_inception_params
         from ldm_jax.train.checkpointing import params_fingerprint
 
-        params = inception.load_params(path)
+        params = load_inception_params(path)
         return cls(params, fingerprint=params_fingerprint(params), **kwargs)
 
     def __call__(self, images) -> np.ndarray:

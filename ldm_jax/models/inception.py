@@ -6,7 +6,7 @@ in torch-fidelity, the same tensors under torchvision's `Inception3` names). It 
 torchvision's ImageNet Inception: its average pools leave the padding out of the mean
 (`count_include_pad=False`), the last block max-pools where the paper average-pools, and the
 classifier has 1008 classes. Modules here carry the PyTorch names (`Mixed_5b/branch5x5_1/conv`),
-so those files load name by name (`load_params`).
+so those files load name by name (`convert.inception.load_inception_params`).
 
 Preprocessing decides the last digits of a reported FID, so it is a choice, not a detail:
 - "tf1" (default): the original TensorFlow code of the FID paper (TTUR), which papers report and
@@ -19,7 +19,6 @@ The two give FIDs a few tenths apart; compare only numbers made the same way.
 
 from __future__ import annotations
 
-import pathlib
 from collections.abc import Sequence
 
 import flax.linen as nn
@@ -275,22 +274,3 @@ def abstract_params(model: FIDInceptionV3 | None = None):
     model = model or FIDInceptionV3()
     images = jax.ShapeDtypeStruct((1, INPUT_SIZE, INPUT_SIZE, 3), jnp.uint8)
     return jax.eval_shape(model.init, jax.random.key(0), images)["params"]
-
-
-def load_params(path: str | pathlib.Path) -> dict:
-    """The FID Inception's weights from pytorch-fid's / torch-fidelity's file (a `.pth`, read with
-    `torch.load(weights_only=True)`, so torch must be installed) or the same tensors as
-    `.safetensors`. Strict: every missing, unexpected or misshapen tensor is a CheckpointError
-    naming it. Returns {"params": ...} for `FIDInceptionV3().apply`."""
-    from ldm_jax.convert.naming import state_dict_to_params
-    from ldm_jax.convert.state_dict import read_state_dict
-
-    state_dict = read_state_dict(path)
-    params = state_dict_to_params(
-        state_dict,
-        abstract_params(),
-        component="inception",
-        # batch-norm step counters are buffers, not weights
-        rename=lambda key: None if key.endswith("num_batches_tracked") else key,
-    )
-    return {"params": params}
