@@ -168,7 +168,9 @@ def make_update_fn(
             jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.tree.norm(params))
         )
         candidate = state.replace(params=params, ema_params=ema, opt_state=opt_state)
-        kept = jax.tree.map(lambda a, b: jnp.where(finite, a, b), candidate, state)
+        # One conditional, not a select per leaf of params, EMA and optimizer state: the same
+        # values, and XLA compiles ~12% less (the smoke LDM step: 7.5 -> 6.6 s on 2 CPU cores).
+        kept = jax.lax.cond(finite, lambda: candidate, lambda: state)
         skipped = (~finite).astype(jnp.int32)
         # The step counts batches consumed, skipped or not, so data and noise stay in step.
         new = kept.replace(
