@@ -115,9 +115,9 @@ class _Block(nn.Module):
                 name=f"resnets_{j}",
             )(h, temb, train)
             if self.cross_attention:
-                h = transformer(**self._transformer_fields(), name=f"attentions_{j}")(
-                    h, context, train, ip_hidden_states, ip_scales
-                )
+                h = transformer(
+                    **_transformer_fields(self, self.out_channels), name=f"attentions_{j}"
+                )(h, context, train, ip_hidden_states, ip_scales)
             outputs.append(h)
         if self.resample and self.up:
             h = Upsample2D(self.out_channels, self.dtype, name="upsamplers_0")(h)
@@ -126,18 +126,21 @@ class _Block(nn.Module):
             outputs.append(h)
         return h if self.up else (h, tuple(outputs))
 
-    def _transformer_fields(self) -> dict:
-        return dict(
-            heads=self.heads,
-            dim_head=self.out_channels // self.heads,
-            num_layers=self.transformer_layers,
-            norm_groups=self.norm_groups,
-            use_linear_projection=self.use_linear_projection,
-            upcast_attention=self.upcast_attention,
-            attention_implementation=self.attention_implementation,
-            dtype=self.dtype,
-            num_ip_adapters=self.num_ip_adapters,
-        )
+
+def _transformer_fields(block, width: int) -> dict:
+    """`Transformer2DModel` fields of a down / up / mid block (`_Block`, the mid block) at `width`
+    channels."""
+    return dict(
+        heads=block.heads,
+        dim_head=width // block.heads,
+        num_layers=block.transformer_layers,
+        norm_groups=block.norm_groups,
+        use_linear_projection=block.use_linear_projection,
+        upcast_attention=block.upcast_attention,
+        attention_implementation=block.attention_implementation,
+        dtype=block.dtype,
+        num_ip_adapters=block.num_ip_adapters,
+    )
 
 
 def _add_residuals(features, residuals, dtype, what: str = "skip connection") -> list:
@@ -176,16 +179,7 @@ class UNetMidBlock2DCrossAttn(nn.Module):
         )
         h = res(0)(h, temb, train)
         h = _remat(Transformer2DModel, self.remat_policy)(
-            heads=self.heads,
-            dim_head=c // self.heads,
-            num_layers=self.transformer_layers,
-            norm_groups=self.norm_groups,
-            use_linear_projection=self.use_linear_projection,
-            upcast_attention=self.upcast_attention,
-            attention_implementation=self.attention_implementation,
-            dtype=self.dtype,
-            num_ip_adapters=self.num_ip_adapters,
-            name="attentions_0",
+            **_transformer_fields(self, c), name="attentions_0"
         )(h, context, train, ip_hidden_states, ip_scales)
         return res(1)(h, temb, train)
 
