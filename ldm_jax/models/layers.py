@@ -103,11 +103,11 @@ class TimestepEmbedding(nn.Module):
     @nn.compact
     def __call__(self, emb: jax.Array, condition: jax.Array | None = None) -> jax.Array:
         if self.cond_proj_dim is not None:
-            if condition is None or condition.shape != (emb.shape[0], self.cond_proj_dim):
+            want = (emb.shape[0], self.cond_proj_dim)
+            if condition is None or condition.shape != want:
                 got = None if condition is None else condition.shape
                 raise ValueError(
-                    f"this embedding takes a condition of shape {(emb.shape[0], self.cond_proj_dim)}"
-                    f" (cond_proj_dim), got {got}"
+                    f"this embedding takes a condition of shape {want} (cond_proj_dim), got {got}"
                 )
             cond = dense(emb.shape[-1], self.dtype, "cond_proj", use_bias=False)
             emb = emb + cond(condition.astype(self.dtype))
@@ -371,8 +371,9 @@ class Attention(nn.Module):
     num_ip_adapters = n > 0: IP-Adapter's decoupled cross-attention (Ye et al. 2023, Sec. 3.2;
     diffusers' `IPAdapterAttnProcessor2_0`): n more token streams (`ip_hidden_states`, each
     [B, S_i, D]) are attended by the same queries through their own bias-free key and value
-    projections (`processor/to_k_ip_i`, `processor/to_v_ip_i`, diffusers' names), and each result,
-    times its scale (`ip_scales`, [n]), is added to the text attention's before `to_out_0`.
+    projections (`processor/to_k_ip_i`, `processor/to_v_ip_i`, diffusers' names), and each
+    result, times its scale (`ip_scales`, [n], default 1), is added to the text attention's before
+    `to_out_0`.
     """
 
     heads: int
@@ -418,9 +419,9 @@ class Attention(nn.Module):
                 f"num_ip_adapters={self.num_ip_adapters}"
             )
         if self.num_ip_adapters:
-            streams = _IPAdapterProjections(
-                self.num_ip_adapters, inner, self.dtype, name="processor"
-            )
+            if ip_scales is None:
+                ip_scales = jnp.ones((self.num_ip_adapters,), jnp.float32)
+            streams = _IPAdapterProjections(inner, self.dtype, name="processor")
             for i, (k_i, v_i) in enumerate(streams(ip_hidden_states)):
                 k_i, v_i = split(k_i), split(v_i)
                 if self.upcast_attention:
@@ -438,7 +439,6 @@ class Attention(nn.Module):
 class _IPAdapterProjections(nn.Module):
     """The key and value projections of IP-Adapter's streams in one cross-attention layer."""
 
-    num_streams: int
     inner: int
     dtype: Dtype = jnp.float32
 
