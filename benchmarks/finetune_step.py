@@ -31,8 +31,8 @@ import jax.numpy as jnp
 import numpy as np
 from timing import interleaved_times, summary, thread_report
 
-from ldm_jax.convert.diffusers import PretrainedModel
 from ldm_jax.diffusion.schedules import make_schedule
+from ldm_jax.model import Model
 from ldm_jax.models.clip import clip_from_variant
 from ldm_jax.models.unet import unet_from_variant
 from ldm_jax.models.vae import vae_from_variant
@@ -51,15 +51,15 @@ def random_params(module, *args, rng, **kwargs):
 ARCHITECTURES = {"sd15": ("sd15", "sd", "vit-l-14"), "tiny": ("tiny", "tiny", "tiny")}
 
 
-def sd15_model(dtype, rng, architecture: str = "sd15") -> PretrainedModel:
-    """An SD1.5-architecture PretrainedModel with random weights (no tokenizer needed here)."""
+def sd15_model(dtype, rng, architecture: str = "sd15") -> Model:
+    """An SD1.5-architecture Model with random weights (no tokenizer needed here)."""
     unet_name, vae_name, clip_name = ARCHITECTURES[architecture]
     unet = unet_from_variant(unet_name, dtype=dtype)
     vae = vae_from_variant(vae_name)
     text = clip_from_variant(clip_name, dtype=dtype)
     ids = jnp.zeros((1, 77), jnp.int32)
     context = jnp.zeros((1, 77, unet.cross_attention_dim))
-    return PretrainedModel(
+    return Model(
         kind="sd1",
         unet=unet,
         unet_params=random_params(unet, jnp.zeros((1, 8, 8, 4)), jnp.zeros((1,)), context, rng=rng),

@@ -2,7 +2,7 @@
 
 A random-initialized diffusers `StableDiffusionPipeline` with the SD1.5 architecture (U-Net
 859,520,964 parameters, the SD VAE, CLIP ViT-L/14 text encoder; real CLIP tokenizer files) is
-saved as a diffusers folder and loaded back with `ldm_jax.sd_pipeline.StableDiffusion`, so both
+saved as a diffusers folder and loaded back with `ldm_jax.model.load_pretrained`, so both
 frameworks run the same weights. Each call is one whole text-to-image generation: tokenize,
 encode the prompt and the empty negative prompt, `--steps` DDIM steps with classifier-free
 guidance (U-Net batch 2 per image), VAE decode, uint8 images on the host. Both sides start from
@@ -32,7 +32,8 @@ import jax.numpy as jnp
 import numpy as np
 from timing import interleaved_times, summary
 
-from ldm_jax.sd_pipeline import StableDiffusion, generate, initial_noise
+from ldm_jax.model import load_pretrained
+from ldm_jax.pipeline import generate, initial_noise
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPT = "a photograph of an astronaut riding a horse"
@@ -164,7 +165,7 @@ def main(argv=None):
         models = {}
         for name in args.dtypes.split(","):
             start = time.perf_counter()
-            sd = StableDiffusion.from_pretrained(folder, dtype=jnp.dtype(name))
+            sd = load_pretrained(folder, dtype=jnp.dtype(name))
             models[name] = sd
             print(f"ldm_jax load_pretrained in {time.perf_counter() - start:.0f} s ({name})")
 

@@ -32,11 +32,12 @@ import jax.numpy as jnp
 import numpy as np
 from timing import interleaved_times, summary, thread_report
 
+from ldm_jax import model as model_lib
 from ldm_jax import sharding as sharding_lib
 from ldm_jax.config import load_config
 from ldm_jax.convert.diffusers import convert_state_dict
 from ldm_jax.data import shapes
-from ldm_jax.pipeline import LatentDiffusion, build_autoencoder, latent_size
+from ldm_jax.models.builders import build_autoencoder, latent_size
 from ldm_jax.train import autoencoder as autoencoder_stage
 from ldm_jax.train import ldm as ldm_stage
 from ldm_jax.train import loop
@@ -207,8 +208,8 @@ def autoencoder_contenders(config, rng, with_torch: bool):
 
 
 def ldm_contenders(config, rng, with_torch: bool):
-    ldm = LatentDiffusion.from_config(config)
-    tok = ldm.tokenizer
+    ldm = model_lib.from_config(config)
+    tok = ldm.tokenizers[0]
     b, lat, ch = config.batch_size, latent_size(config), config.autoencoder.latent_channels
     examples = [shapes.sample_attributes(rng) for _ in range(b)]
     captions = [shapes.random_caption(a, rng) for a in examples]
@@ -228,7 +229,7 @@ def ldm_contenders(config, rng, with_torch: bool):
         torch.manual_seed(config.seed)
         text, unet = torch_text_encoder(config, tok), torch_unet(config)
         params = {
-            "text_encoder": to_jax("text_encoder", ldm.text_encoder, text),
+            "text_encoder": to_jax("text_encoder", ldm.text_encoders[0], text),
             "unet": to_jax("unet", ldm.unet, unet),
         }
         alphas_cumprod = torch.from_numpy(np.array(ldm.schedule.alphas_cumprod, np.float32))
@@ -260,7 +261,7 @@ def ldm_contenders(config, rng, with_torch: bool):
         with torch.no_grad():
             ctx = text(ids["caption_ids"]).last_hidden_state
             want = unet(torch.from_numpy(x).permute(0, 3, 1, 2), torch.from_numpy(t), ctx).sample
-        ctx_j = ldm.text_encoder.apply(params["text_encoder"], batch["caption_ids"])
+        ctx_j = ldm.text_encoders[0].apply(params["text_encoder"], batch["caption_ids"])
         have = ldm.unet.apply(params["unet"], x, t, ctx_j.last_hidden_state)
         agreement = float(np.abs(np.asarray(have) - want.numpy().transpose(0, 2, 3, 1)).max())
 
@@ -270,7 +271,7 @@ def ldm_contenders(config, rng, with_torch: bool):
             k_text, k_unet = jax.random.split(jax.random.key(config.seed))
             context = jnp.zeros((1, tok.context_length, config.text_encoder.hidden_size))
             p = {
-                "text_encoder": ldm.text_encoder.init(
+                "text_encoder": ldm.text_encoders[0].init(
                     k_text, jnp.zeros((1, tok.context_length), jnp.int32)
                 ),
                 "unet": ldm.unet.init(

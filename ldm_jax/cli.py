@@ -1,11 +1,11 @@
 """The `ldm-jax` command: a thin layer over library functions that the tests also call.
 
 ldm-jax train  --config configs/shapes.py[:ARG] --workdir DIR [--config.some.field=value ...]
-ldm-jax sample --workdir DIR --prompt "a red circle" [--prompt ...] [--negative-prompt ...]
-               --num-images N --guidance-scale W --steps S --sampler NAME --seed K --out OUTDIR
-               [--init-image IMG [--strength S]]
-ldm-jax sample --pretrained PATH [--tokenizer DIR] --prompt ... [--height H --width W]
-               [--guidance-rescale R] [--init-image IMG [--strength S]] [--mask MASK] --out OUTDIR
+ldm-jax sample (--workdir RUN | --pretrained PATH [--tokenizer DIR]) --prompt "a red circle"
+               [--prompt ...] [--negative-prompt ...] --num-images N --guidance-scale W --steps S
+               --sampler NAME --seed K [--height H --width W] [--guidance-rescale R]
+               [--init-image IMG [--strength S]] [--mask MASK]
+               [--refiner REFINER --denoising-end 0.8] --out OUTDIR
 ldm-jax convert SRC --out DIR [--to diffusers|orbax] [--variant fp16 --dtype float16]
 ldm-jax encode --workdir AE_RUN --config configs/shapes.py:ldm --out DIR [--config.a.b=value ...]
 ldm-jax encode --config configs/sd15_finetune.py --config.pretrained=P --config.data.path=D --out DIR
@@ -62,9 +62,117 @@ def _train(args, overrides):
 
 
 def _sample(args, overrides):
+    """`sample`: one path for a run trained here (--workdir) and a checkpoint (--pretrained),
+    optionally handing off to a --refiner at --denoising-end."""
     del overrides
-    from ldm_jax import pipeline
+    from ldm_jax import model as model_lib
+    from ldm_jax import runs
+    from ldm_jax.pipeline import generate
 
+    sampler_options = _check_sample_args(args)
+    runs.check_output_dir(args.out)
+    if args.pretrained is not None:
+        model = _load_pretrained(args, args.pretrained)
+        source = {"pretrained": str(args.pretrained)}
+    else:
+        model = model_lib.load_run(args.workdir)
+        source = {"workdir": str(args.workdir)}
+    refiner = _load_pretrained(args, args.refiner) if args.refiner else None
+    out = runs.output_dir(args.out)
+    # Defaults from the model: a run's own sample settings (shapes: 25 steps, guidance 4; a
+    # distilled student: its step count, guidance 1), diffusers' for a checkpoint.
+    defaults = {**model_lib.PRETRAINED_SAMPLING, **model.sampling}
+    steps = args.steps or defaults["num_inference_steps"]
+    guidance = defaults["guidance_scale"] if args.guidance_scale is None else args.guidance_scale
+    sampler = args.sampler or defaults.get("sampler")
+    if sampler is None:  # the checkpoint's own scheduler; checks the options before compiling
+        from ldm_jax.diffusion.samplers.options import resolve_sampler
+
+        sampler = resolve_sampler(model.scheduler_config, None, sampler_options)[0]
+    mode = "inpaint" if args.mask is not None else "img2img" if args.init_image else "txt2img"
+    strength = args.strength if args.strength is not None else {"img2img": 0.8}.get(mode, 1.0)
+    common = dict(
+        negative_prompt=args.negative_prompt or None,
+        num_inference_steps=steps,
+        guidance_scale=guidance,
+        guidance_rescale=args.guidance_rescale,
+        height=args.height,
+        width=args.width,
+        num_images_per_prompt=args.num_images,
+        seed=args.seed,
+        sampler=sampler,
+        sampler_options=sampler_options,
+        # Runs trained here are small: larger batches use the cores better.
+        batch_size=args.batch_size or (32 if model.config is not None else 8),
+        progress=True,
+    )
+    start = time.perf_counter()
+    images = generate(
+        model,
+        args.prompt,
+        clip_skip=args.clip_skip,
+        image=args.init_image,
+        mask_image=args.mask,
+        strength=strength,
+        denoising_end=args.denoising_end,
+        output_type="latent" if refiner is not None else "uint8",
+        **common,
+    )
+    if refiner is not None:  # the ensemble of experts: the refiner takes the last steps
+        images = generate(
+            refiner, args.prompt, image=images, denoising_start=args.denoising_end, **common
+        )
+        source.update(refiner=str(args.refiner), denoising_end=args.denoising_end)
+    seconds = time.perf_counter() - start
+    settings = dict(
+        sampler=sampler,
+        steps=steps,
+        guidance_scale=guidance,
+        guidance_rescale=args.guidance_rescale,
+        height=int(images.shape[1]),
+        width=int(images.shape[2]),
+        **source,
+    )
+    if sampler_options:
+        settings["sampler_options"] = sampler_options
+    if args.clip_skip is not None:
+        settings["clip_skip"] = args.clip_skip
+    if args.init_image is not None:
+        settings.update(init_image=str(args.init_image), strength=strength)
+    if args.mask is not None:
+        settings["mask"] = str(args.mask)
+    negatives = args.negative_prompt or [""]
+    negatives = negatives * len(args.prompt) if len(negatives) == 1 else negatives
+    records = [
+        {
+            "prompt": prompt,
+            "negative_prompt": negative,
+            "seed": args.seed + i * args.num_images + j,
+            **settings,
+        }
+        for i, (prompt, negative) in enumerate(zip(args.prompt, negatives))
+        for j in range(args.num_images)
+    ]
+    runs.save_outputs(images, records, out, grid_columns=args.num_images)
+    print(
+        f"wrote {len(images)} images, grid.png and manifest.json to {out} "
+        f"({len(images) / seconds:.2f} images/s including compilation)"
+    )
+
+
+def _load_pretrained(args, path):
+    from ldm_jax import model as model_lib
+
+    model = model_lib.load_pretrained(
+        path, variant=args.variant, tokenizer_dir=args.tokenizer, tokenizer_2_dir=args.tokenizer_2
+    )
+    model.get_tokenizers()  # a single file without --tokenizer: say so before compiling
+    return model
+
+
+def _check_sample_args(args) -> dict:
+    """The `sample` arguments' errors that need no model (counts, files, pairings, the sampler's
+    name and options); returns the sampler options."""
     if args.prompt_file:  # e.g. 30k COCO captions for FID: one prompt per line
         path = pathlib.Path(args.prompt_file)
         if not path.is_file():
@@ -79,171 +187,35 @@ def _sample(args, overrides):
     cli_args.check_seed(args.seed, len(args.prompt) * args.num_images)
     if (args.workdir is None) == (args.pretrained is None):
         raise ValueError("give exactly one of --workdir (a run trained here) and --pretrained")
+    sampler_options = cli_args.sampler_options(args.sampler_option)
     if args.sampler is not None:  # before loading anything: a typo costs no model load
-        from ldm_jax.diffusion.samplers import get_sampler
+        from ldm_jax.diffusion.samplers.options import check_sampler_options
 
-        get_sampler(args.sampler)  # ValueError listing the valid names
+        check_sampler_options(args.sampler, sampler_options)
     negatives = args.negative_prompt or [""]
     if len(negatives) not in (1, len(args.prompt)):
         raise ValueError(f"give one --negative-prompt, or one per --prompt ({len(args.prompt)})")
-    if len(negatives) == 1:
-        negatives = negatives * len(args.prompt)
-    sampler_options = cli_args.sampler_options(args.sampler_option)
-    if args.pretrained is not None:
-        return _sample_pretrained(args, negatives, sampler_options)
-    pretrained_only = {
-        "--variant": args.variant,
-        "--tokenizer": args.tokenizer,
-        "--tokenizer-2": args.tokenizer_2,
-        "--height": args.height,
-        "--width": args.width,
-        "--mask": args.mask,
-        "--clip-skip": args.clip_skip,
-    }
-    given = [k for k, v in pretrained_only.items() if v is not None] + (
-        ["--guidance-rescale"] if args.guidance_rescale else []
-    )
-    if given:
-        raise ValueError(f"{', '.join(given)} only apply with --pretrained")
+    if args.workdir is not None and args.refiner is None:
+        loading = {"--variant": args.variant, "--tokenizer": args.tokenizer}
+        loading["--tokenizer-2"] = args.tokenizer_2
+        given = [k for k, v in loading.items() if v is not None]
+        if given:
+            raise ValueError(f"{', '.join(given)} only apply with --pretrained")
+    for flag, path in (("--pretrained", args.pretrained), ("--refiner", args.refiner)):
+        if path is not None and not pathlib.Path(path).exists():
+            raise FileNotFoundError(f"{flag} {path}: no such file or folder")
+    if (args.refiner is None) != (args.denoising_end is None):
+        raise ValueError("--refiner and --denoising-end go together (the base stops there)")
+    if args.denoising_end is not None and not 0 < args.denoising_end < 1:
+        raise ValueError(f"--denoising-end must be in (0, 1), got {args.denoising_end}")
     if args.strength is not None and args.init_image is None:
         raise ValueError("--strength needs --init-image (img2img)")
-    if args.init_image is not None and not pathlib.Path(args.init_image).is_file():
-        raise FileNotFoundError(f"--init-image {args.init_image}: no such file")
-    strength = 0.8 if args.strength is None else args.strength  # diffusers' img2img default
-    sampler = args.sampler or "ddim"
-    pipeline.check_output_dir(args.out)
-    ldm = pipeline.load_from_workdir(args.workdir)
-    out = pipeline.output_dir(args.out)
-    # Defaults from the run's own sample settings (shapes: 25 steps, guidance 4; a distilled
-    # student: its step count, guidance 1).
-    guidance_scale = args.guidance_scale
-    if guidance_scale is None:
-        guidance_scale = ldm.config.sample.guidance_scale
-    if args.steps is None:
-        args.steps = ldm.config.sample.num_steps
-    prompts, negative_prompts, seeds = [], [], []
-    for prompt, negative in zip(args.prompt, negatives):
-        for _ in range(args.num_images):
-            prompts.append(prompt)
-            negative_prompts.append(negative)
-            seeds.append(args.seed + len(seeds))  # image i uses seed K + i: reproducible alone
-    start = time.perf_counter()
-    images = pipeline.generate(
-        ldm,
-        prompts,
-        seeds=seeds,
-        negative_prompts=negative_prompts,
-        guidance_scale=guidance_scale,
-        num_steps=args.steps,
-        sampler=sampler,
-        sampler_options=sampler_options,
-        batch_size=args.batch_size or 32,
-        progress=True,
-        init_image=args.init_image,
-        strength=strength,
-    )
-    seconds = time.perf_counter() - start
-    img2img = {"init_image": str(args.init_image), "strength": strength} if args.init_image else {}
-    records = [
-        {
-            "prompt": p,
-            "negative_prompt": n,
-            "seed": s,
-            "sampler": sampler,
-            "steps": args.steps,
-            "guidance_scale": guidance_scale,
-        }
-        | ({"sampler_options": sampler_options} if sampler_options else {})
-        | img2img
-        for p, n, s in zip(prompts, negative_prompts, seeds)
-    ]
-    pipeline.save_outputs(images, records, out, grid_columns=args.num_images)
-    print(
-        f"wrote {len(images)} images, grid.png and manifest.json to {out} "
-        f"({len(images) / seconds:.1f} images/s including compilation)"
-    )
-
-
-def _sample_pretrained(args, negatives, sampler_options):
-    """`sample --pretrained`: diffusers' text-to-image / img2img / inpainting semantics."""
-    from ldm_jax import pipeline, sd_pipeline
-
     if args.mask is not None and args.init_image is None:
         raise ValueError("--mask needs --init-image (the picture to inpaint)")
     for flag, path in (("--init-image", args.init_image), ("--mask", args.mask)):
         if path is not None and not pathlib.Path(path).is_file():
             raise FileNotFoundError(f"{flag} {path}: no such file")
-    if not pathlib.Path(args.pretrained).exists():
-        raise FileNotFoundError(f"--pretrained {args.pretrained}: no such file or folder")
-    if args.sampler is not None:
-        sd_pipeline.check_sampler_options(args.sampler, sampler_options)
-    pipeline.check_output_dir(args.out)
-    sd = sd_pipeline.StableDiffusion.from_pretrained(
-        args.pretrained,
-        variant=args.variant,
-        tokenizer_dir=args.tokenizer,
-        tokenizer_2_dir=args.tokenizer_2,
-    )
-    # (the checkpoint's own sampler, when none is named, checks the options here)
-    config = sd.model.scheduler_config
-    sampler = sd_pipeline.resolve_sampler(config, args.sampler, sampler_options)[0]
-    out = pipeline.output_dir(args.out)
-    guidance_scale = 7.5 if args.guidance_scale is None else args.guidance_scale
-    if args.steps is None:
-        args.steps = 25
-    start = time.perf_counter()
-    images = sd_pipeline.generate(
-        sd,
-        args.prompt,
-        negative_prompt=negatives if args.negative_prompt else None,
-        num_inference_steps=args.steps,
-        guidance_scale=guidance_scale,
-        guidance_rescale=args.guidance_rescale,
-        height=args.height,
-        width=args.width,
-        num_images_per_prompt=args.num_images,
-        seed=args.seed,
-        sampler=sampler,
-        sampler_options=sampler_options,
-        clip_skip=args.clip_skip,
-        image=args.init_image,
-        mask_image=args.mask,
-        strength=args.strength,
-        batch_size=args.batch_size or 8,
-        progress=True,
-    )
-    seconds = time.perf_counter() - start
-    records = []
-    for i, (prompt, negative) in enumerate(zip(args.prompt, negatives)):
-        for j in range(args.num_images):
-            record = {
-                "prompt": prompt,
-                "negative_prompt": negative,
-                "seed": args.seed + i * args.num_images + j,
-                "sampler": sampler,
-                "steps": args.steps,
-                "guidance_scale": guidance_scale,
-                "guidance_rescale": args.guidance_rescale,
-                "height": int(images.shape[1]),
-                "width": int(images.shape[2]),
-                "pretrained": str(args.pretrained),
-            }
-            if sampler_options:
-                record["sampler_options"] = sampler_options
-            if args.clip_skip is not None:
-                record["clip_skip"] = args.clip_skip
-            if args.init_image is not None:
-                record["init_image"] = str(args.init_image)
-                default = 1.0 if args.mask is not None else 0.8  # generate()'s defaults
-                record["strength"] = default if args.strength is None else args.strength
-            if args.mask is not None:
-                record["mask"] = str(args.mask)
-            records.append(record)
-    pipeline.save_outputs(images, records, out, grid_columns=args.num_images)
-    print(
-        f"wrote {len(images)} images, grid.png and manifest.json to {out} "
-        f"({len(images) / seconds:.2f} images/s including loading and compilation)"
-    )
+    return sampler_options
 
 
 def _convert(args, overrides):
@@ -352,11 +324,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--guidance-scale",
         type=float,
         help="default: the run's config.sample.guidance_scale (shapes 4, a distilled student 1); "
-        "7.5 for --pretrained",
+        "7.5 for --pretrained; <= 1: the conditional model alone (diffusers')",
     )
     p.add_argument("--guidance-rescale", type=float, default=0.0, help="Lin et al. 2024 phi")
-    p.add_argument("--height", type=int, help="pixels (default: the checkpoint's)")
-    p.add_argument("--width", type=int, help="pixels (default: the checkpoint's)")
+    p.add_argument("--height", type=int, help="pixels (default: the model's training size)")
+    p.add_argument("--width", type=int, help="pixels (default: the model's training size)")
     p.add_argument("--clip-skip", type=int, help="text-encoder layers to skip (diffusers')")
     p.add_argument("--init-image", help="img2img / inpainting: the starting picture")
     p.add_argument(
@@ -365,6 +337,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="img2img: fraction of the steps to run (default 0.8; inpainting 1.0)",
     )
     p.add_argument("--mask", help="inpainting mask image: white = repaint")
+    p.add_argument(
+        "--refiner",
+        help="a refiner checkpoint (SDXL's) that takes over at --denoising-end (diffusers' "
+        "ensemble of expert denoisers)",
+    )
+    p.add_argument(
+        "--denoising-end",
+        type=float,
+        help="with --refiner: the fraction of the noise schedule the base denoises, e.g. 0.8",
+    )
     p.add_argument("--out", required=True, help="output folder")
     p.set_defaults(fn=_sample)
 
@@ -422,8 +404,7 @@ def main(argv: list[str] | None = None) -> int:
         build_parser().error(f"--config.* overrides only apply to train/encode: {overrides}")
 
     from ldm_jax.config import ConfigError
-    from ldm_jax.pipeline import NoCheckpointError
-    from ldm_jax.train.checkpointing import CheckpointMismatchError
+    from ldm_jax.runs import CheckpointMismatchError, NoCheckpointError
     from ldm_jax.train.loop import NonFiniteLossError, Preempted
 
     try:

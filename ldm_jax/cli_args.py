@@ -80,7 +80,11 @@ def add_sampling_args(
         type=int,
         default=steps,
         help="denoising steps"
-        + ("" if steps else " (default: the run's config.sample.num_steps; 25 pretrained)"),
+        + (
+            ""
+            if steps
+            else " (default: the run's config.sample.num_steps; diffusers' 50 for a checkpoint)"
+        ),
     )
     p.add_argument(
         "--sampler",

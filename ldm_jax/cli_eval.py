@@ -14,7 +14,8 @@ from ldm_jax import cli_args
 
 def _eval_adherence(args, overrides):
     del overrides
-    from ldm_jax import pipeline
+    from ldm_jax import model as model_lib
+    from ldm_jax import runs as run_io
     from ldm_jax.eval import adherence
 
     cli_args.check_counts(args, "num_per_prompt", "steps", "batch_size")
@@ -24,9 +25,9 @@ def _eval_adherence(args, overrides):
 
     get_sampler(args.sampler)  # ValueError listing the valid names
     if args.out:
-        pipeline.check_output_dir(args.out)
-    ldm = pipeline.load_from_workdir(args.workdir)
-    out = pipeline.output_dir(args.out or pathlib.Path(args.workdir) / "adherence")
+        run_io.check_output_dir(args.out)
+    ldm = model_lib.load_run(args.workdir)
+    out = run_io.output_dir(args.out or pathlib.Path(args.workdir) / "adherence")
     result = adherence.evaluate(
         ldm,
         guidance_scales=args.guidance_scales,
@@ -97,12 +98,13 @@ def _eval_fid(args, overrides):
             result.update(summarize(scorer.scores(list(fid.read_images(files)), prompts)))
         print(json.dumps(result, indent=2))
         return
-    from ldm_jax import pipeline
+    from ldm_jax import model as model_lib
+    from ldm_jax import runs as run_io
 
     if args.out:
-        pipeline.check_output_dir(args.out)
-    ldm = pipeline.load_from_workdir(args.workdir)
-    out = pipeline.output_dir(args.out or pathlib.Path(args.workdir) / "fid")
+        run_io.check_output_dir(args.out)
+    ldm = model_lib.load_run(args.workdir)
+    out = run_io.output_dir(args.out or pathlib.Path(args.workdir) / "fid")
     # The prompts are the split's captions; its images are the reference unless --reference.
     made, prompts = fid.dataset_reference(
         ldm.config,

@@ -55,7 +55,7 @@ LONGEST_FIRST = (
     "test_train_cli.py",  # 448
     "test_finetune.py",  # 171
     "test_faults.py",  # 170
-    "test_sd_pipeline.py",  # 124
+    "test_generate.py",  # 124
     "test_sharding.py",  # 109
     "test_samplers_k.py",  # 88
     "test_datasets.py",  # 76

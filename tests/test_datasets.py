@@ -16,6 +16,7 @@ from PIL import Image
 
 from conftest import REPO
 from ldm_jax import cli
+from ldm_jax import model as model_lib
 from ldm_jax.config import load_config
 from ldm_jax.data import image_caption
 from ldm_jax.data import latents as latents_lib
@@ -26,8 +27,8 @@ from ldm_jax.data.pipeline import (
     imagenet_class_names,
     load_dataset,
 )
+from ldm_jax.runs import params_fingerprint
 from ldm_jax.train import autoencoder, ldm
-from ldm_jax.train.checkpointing import params_fingerprint
 
 CONFIGS = REPO / "configs"
 SIZE = 16  # pixels per side of the local collection's examples
@@ -315,9 +316,9 @@ def autoencoder_run(tmp_path_factory):
     import jax.numpy as jnp
 
     from ldm_jax.config import save_config
-    from ldm_jax.pipeline import build_autoencoder
+    from ldm_jax.models.builders import build_autoencoder
+    from ldm_jax.runs import Checkpointer
     from ldm_jax.train import loop
-    from ldm_jax.train.checkpointing import Checkpointer
 
     root = tmp_path_factory.mktemp("latents")
     config = load_config(
@@ -365,13 +366,15 @@ def test_encode_stores_the_trainers_latents_and_tokens(encoded, capsys):
     config = _ldm_config(data_dir, ae, out)
     vae_params = ldm.load_autoencoder(config)
     stored = latents_lib.load(config, vae_params)
-    model = ldm.LatentDiffusion.from_config(config)
+    model = model_lib.from_config(config)
     images = load_dataset(config)
     mean, std = ldm.encode_dataset(model.vae, vae_params, images["image"])
     np.testing.assert_allclose(stored["latent_mean"], mean, rtol=0, atol=1e-5)
     np.testing.assert_allclose(stored["latent_std"], std, rtol=0, atol=1e-5)
-    np.testing.assert_array_equal(stored["caption_ids"], model.tokenizer(list(images["caption"])))
-    canonical = model.tokenizer(list(images["canonical_caption"]))
+    np.testing.assert_array_equal(
+        stored["caption_ids"], model.tokenizers[0](list(images["caption"]))
+    )
+    canonical = model.tokenizers[0](list(images["canonical_caption"]))
     np.testing.assert_array_equal(stored["canonical_ids"], canonical)
     lazy = latents_lib.load(config, vae_params, in_memory=False)
     np.testing.assert_array_equal(lazy["latent_std"][7:9], stored["latent_std"][7:9])

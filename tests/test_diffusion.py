@@ -287,3 +287,39 @@ def test_flat_normal_draw_equals_jax_random_normal():
         jax.vmap(lambda k: rng.normal(k, (4, 4, 2)))(keys),
         jax.vmap(lambda k: jax.random.normal(k, (4, 4, 2)))(keys),
     )
+
+
+@pytest.mark.parametrize("weighting", objectives.LOSS_WEIGHTINGS)
+@pytest.mark.parametrize("prediction_type", objectives.PREDICTION_TYPES)
+def test_denoising_loss_of_the_exact_denoiser_of_a_point_mass(prediction_type, weighting):
+    """Data that is one point c has an exact denoiser: from x_t, eps = (x_t - sqrt(abar) c) /
+    sqrt(1 - abar). Its loss is 0 in every parameterization; an output off by delta everywhere
+    costs mean(weight) delta^2, with the Min-SNR weights written out here (Hang et al. 2023)."""
+    acp = schedules.make_schedule().alphas_cumprod
+    rng = np.random.default_rng(0)
+    c = rng.normal(size=(1, 4, 4, 2)).astype(np.float32)
+    x0 = jnp.asarray(np.repeat(c, 6, axis=0))
+    noise = jnp.asarray(rng.normal(size=x0.shape).astype(np.float32))
+    t = jnp.asarray([0, 10, 200, 500, 800, 999])
+
+    def exact(delta):
+        def apply(x_t, t_float):
+            a = acp[t_float.astype(jnp.int32)][:, None, None, None]
+            eps = (x_t - jnp.sqrt(a) * c) / jnp.sqrt(1 - a)
+            out = {"epsilon": eps, "sample": jnp.broadcast_to(c, x_t.shape)}
+            out["v_prediction"] = jnp.sqrt(a) * eps - jnp.sqrt(1 - a) * c
+            return out[prediction_type] + delta
+
+        return apply
+
+    loss, aux = objectives.denoising_loss(exact(0.0), x0, noise, t, acp, prediction_type, weighting)
+    assert float(loss) < 1e-5 and float(aux["mse"]) < 1e-5
+    loss, aux = objectives.denoising_loss(exact(0.1), x0, noise, t, acp, prediction_type, weighting)
+    a = np.asarray(acp, np.float64)[np.asarray(t)]
+    snr = a / (1 - a)
+    weight = np.ones_like(snr)
+    if weighting == "min_snr":
+        divisor = {"epsilon": snr, "v_prediction": snr + 1, "sample": np.ones_like(snr)}
+        weight = np.minimum(snr, 5.0) / divisor[prediction_type]
+    np.testing.assert_allclose(float(aux["mse"]), 0.01, rtol=2e-3)
+    np.testing.assert_allclose(float(loss), weight.mean() * 0.01, rtol=2e-3)

@@ -22,8 +22,8 @@ from conftest import REPO
 from ldm_jax import cli
 from ldm_jax.config import load_config
 from ldm_jax.data.pipeline import StepIndexedBatches
+from ldm_jax.runs import Checkpointer, NonFiniteCheckpointError
 from ldm_jax.train import autoencoder, loop
-from ldm_jax.train.checkpointing import Checkpointer, NonFiniteCheckpointError
 
 SHAPES = str(REPO / "configs" / "shapes.py")
 

@@ -23,8 +23,8 @@ from ldm_jax import cli
 from ldm_jax.config import load_config
 from ldm_jax.convert import load_pretrained
 from ldm_jax.data import caption_batches
+from ldm_jax.runs import Checkpointer, params_fingerprint
 from ldm_jax.train import finetune
-from ldm_jax.train.checkpointing import Checkpointer, params_fingerprint
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")

@@ -18,8 +18,8 @@ import pytest
 from conftest import FAST_COMPILE_XLA_FLAGS, REPO
 from ldm_jax.config import load_config
 from ldm_jax.data.pipeline import StepIndexedBatches, load_dataset
+from ldm_jax.runs import Checkpointer
 from ldm_jax.train import autoencoder
-from ldm_jax.train.checkpointing import Checkpointer
 
 SHAPES = str(REPO / "configs" / "shapes.py")
 STEPS = 4

@@ -353,3 +353,25 @@ def test_consistent_img2img_beats_diffusers_truncation(name, start):
     err_ours = rms(mine, _exact_img2img(config, x0, noise, sigma_ours))
     err_theirs = rms(theirs, _exact_img2img(config, x0, noise, sigma_theirs))
     assert err_ours < 0.5 * err_theirs, (err_ours, err_theirs)
+
+
+@pytest.mark.parametrize("name, order", [("ddim", 1), ("euler", 1), ("heun", 2), ("dpm2", 2)])
+def test_stopping_and_resuming_is_the_uninterrupted_run(name, order):
+    """The handoff options (`end_step`, then `start_step` with `add_noise=False`) on one model:
+    a run stopped after step k and resumed from its latents is the uninterrupted run, for the
+    samplers without a history (the SDXL base + refiner parity is in tests/test_generate.py)."""
+    schedule = _schedule(tuple(SD.items()))
+    model_fn = _model(tuple(SD.items()), "epsilon")
+    noise = jax.random.normal(jax.random.key(3), (BATCH, 2))
+    sample = samplers.get_sampler(name)
+    steps, k = 8, 3
+    run = lambda **o: sample(model_fn, noise, schedule, steps, jax.random.key(0), **o)
+    full = run()
+    part = run(end_step=k * order)  # for two-stage samplers: after the second stage of step k
+    resumed = run(start_step=k, init_latents=part, add_noise=False)
+    np.testing.assert_allclose(np.asarray(resumed), np.asarray(full), atol=1e-5)
+    assert not np.allclose(np.asarray(part), np.asarray(full), atol=1e-2)  # it did stop early
+    with pytest.raises(ValueError, match="end_step must be in"):
+        run(end_step=0)
+    with pytest.raises(ValueError, match="add_noise=False needs init_latents"):
+        run(add_noise=False)

@@ -11,6 +11,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from conftest import REPO
+from ldm_jax import model as model_lib
 from ldm_jax import sharding as sharding_lib
 from ldm_jax.config import load_config
 from ldm_jax.data.pipeline import StepIndexedBatches
@@ -237,7 +238,7 @@ def test_same_five_steps_on_one_and_eight_devices(restores_the_partitioner):
     tensor: the same losses and parameters within float32 round-off. (Checkpoints and data
     slicing of a sharded run are exercised end to end by tests/test_multiprocess.py.)"""
     config = load_config(SHAPES + ":ldm,smoke")
-    model = ldm.LatentDiffusion.from_config(config)
+    model = model_lib.from_config(config)
     rng = np.random.default_rng(0)
     n, lat, ch = 64, 8, config.autoencoder.latent_channels
     colors, shapes = ("red", "green", "blue", "yellow"), ("circle", "square", "triangle")
@@ -245,20 +246,20 @@ def test_same_five_steps_on_one_and_eight_devices(restores_the_partitioner):
     arrays = {  # latents as the VAE's posterior would give them, token ids of real captions
         "latent_mean": rng.normal(size=(n, lat, lat, ch)).astype(np.float32),
         "latent_std": rng.uniform(0.05, 0.2, size=(n, lat, lat, ch)).astype(np.float32),
-        "caption_ids": model.tokenizer(captions),
-        "canonical_ids": model.tokenizer([c + " on a white background" for c in captions]),
+        "caption_ids": model.tokenizers[0](captions),
+        "canonical_ids": model.tokenizers[0]([c + " on a white background" for c in captions]),
     }
     batches = StepIndexedBatches(arrays, config.batch_size, config.seed)
-    loss_fn = ldm.make_loss_fn(model, config, model.tokenizer([""])[0])
+    loss_fn = ldm.make_loss_fn(model, config, model.tokenizers[0]([""])[0])
     optimizer = loop.make_optimizer(config.optimizer, config.num_train_steps)
 
     @jax.jit
     def init():
         k_text, k_unet = jax.random.split(jax.random.key(0))
-        ids = jnp.zeros((1, model.tokenizer.context_length), jnp.int32)
+        ids = jnp.zeros((1, model.tokenizers[0].context_length), jnp.int32)
         context = jnp.zeros((1, ids.shape[1], config.text_encoder.hidden_size))
         params = {
-            "text_encoder": model.text_encoder.init(k_text, ids),
+            "text_encoder": model.text_encoders[0].init(k_text, ids),
             "unet": model.unet.init(k_unet, jnp.zeros((1, lat, lat, ch)), jnp.zeros((1,)), context),
         }
         return loop.init_state(params, optimizer, {"latent_scale": jnp.float32(0.9)})

@@ -15,10 +15,14 @@ import pytest
 
 from conftest import REPO, train_args
 from ldm_jax import cli, pipeline
+from ldm_jax import model as model_lib
+from ldm_jax import rng as rng_lib
 from ldm_jax.config import load_config
 from ldm_jax.data.pipeline import StepIndexedBatches
+from ldm_jax.model import load_run
+from ldm_jax.pipeline import generate
+from ldm_jax.runs import Checkpointer
 from ldm_jax.train import autoencoder, ldm, loop
-from ldm_jax.train.checkpointing import Checkpointer
 
 SHAPES = str(REPO / "configs" / "shapes.py")
 
@@ -82,7 +86,11 @@ def test_sample_cli_writes_pngs_grid_and_manifest(trained, tmp_path, caplog, cap
         "sampler": "ddim",
         "steps": 3,
         "guidance_scale": 3.0,
-    }
+        "guidance_rescale": 0.0,
+        "height": 32,
+        "width": 32,
+        "workdir": str(lat),
+    }  # one schema for runs and checkpoints (these carry "pretrained" instead of "workdir")
     for record in manifest:
         assert (out / record["file"]).exists()
     assert (out / "grid.png").exists()
@@ -91,50 +99,52 @@ def test_sample_cli_writes_pngs_grid_and_manifest(trained, tmp_path, caplog, cap
 
 def test_sampling_is_reproducible_and_does_not_recompile(trained):
     _, lat = trained
-    model = pipeline.load_from_workdir(lat)
-    kwargs = dict(num_steps=3, sampler="ddim", batch_size=8)
-    a = pipeline.generate(
-        model, ["a red circle", "a blue square"], seeds=[1, 2], guidance_scale=4.0, **kwargs
+    model = load_run(lat)
+    kwargs = dict(num_inference_steps=3, sampler="ddim", batch_size=8)
+    a = generate(
+        model, ["a red circle", "a blue square"], seed=[1, 2], guidance_scale=4.0, **kwargs
     )
-    b = pipeline.generate(
+    b = generate(
         model,
         ["a green triangle", "a blue square", "a red circle"],
-        seeds=[9, 2, 1],
-        negative_prompts=["x", "", ""],
+        seed=[9, 2, 1],
+        negative_prompt=["x", "", ""],
         guidance_scale=[1.0, 4.0, 4.0],
         **kwargs,
     )
     # Same (prompt, seed, guidance) -> same image, whatever the batch-mates.
     np.testing.assert_array_equal(a[0], b[2])
     np.testing.assert_array_equal(a[1], b[1])
-    (fn,) = model._compiled.values()
+    (fn,) = model.cache["compiled"].values()
     assert fn._cache_size() == 1  # new prompts, seeds and guidance scales reused the executable
 
 
 def test_img2img_with_a_model_trained_here(trained, tmp_path, capsys):
-    """`generate(init_image=..., strength=...)` and `sample --workdir --init-image`: the sampler
+    """`generate(image=..., strength=...)` and `sample --workdir --init-image`: the sampler
     starts part-way from the init image's latents, so few steps stay near them decoded."""
     from PIL import Image
 
     _, lat = trained
-    model = pipeline.load_from_workdir(lat)
-    kwargs = dict(num_steps=4, sampler="ddim", batch_size=8, guidance_scale=4.0)
+    model = load_run(lat)
+    kwargs = dict(num_inference_steps=4, sampler="ddim", batch_size=8, guidance_scale=4.0)
     prompts, seeds = ["a red circle", "a blue square"], [1, 2]
-    txt2img = pipeline.generate(model, prompts, seeds=seeds, **kwargs)
+    txt2img = generate(model, prompts, seed=seeds, **kwargs)
     init = np.zeros((32, 32, 3), np.uint8)
     init[8:24, 8:24] = (230, 40, 40)  # a red square on black
     path = tmp_path / "init.png"
     Image.fromarray(init).save(path)
-    near = pipeline.generate(model, prompts, seeds=seeds, init_image=path, strength=0.25, **kwargs)
+    near = generate(model, prompts, seed=seeds, image=path, strength=0.25, **kwargs)
     # Strength 0.25 of 4 steps runs the last one only, from the init latents noised to its small
     # noise level: the image is (nearly) those latents decoded. (Measured on the smoke model:
     # 0.20 levels from them, against 45 for text-to-image. The smoke VAE reconstructs nothing,
     # so the init image itself is no reference.)
     images = jnp.asarray(np.stack([init, init]), jnp.float32) / 255
-    z = pipeline.encode_init_images(model, model.frozen, images, jnp.asarray(seeds, jnp.uint32))
-    decoded = model.vae.apply(
-        model.frozen["vae"], z / model.frozen["latent_scale"], method=model.vae.decode
-    )
+    # A posterior sample of each image, its noise from the image's seed (generate's convention).
+    posterior = model.vae.apply(model.vae_params, images * 2 - 1, method=model.vae.encode)
+    keys = [jax.random.fold_in(jax.random.key(s), 1) for s in seeds]
+    eps = jnp.stack([rng_lib.normal(k, posterior.mean.shape[1:]) for k in keys])
+    z = posterior.mean + posterior.std * eps
+    decoded = model.vae.apply(model.vae_params, z, method=model.vae.decode)
     decoded = np.asarray(jnp.clip(jnp.round((decoded + 1) * 127.5), 0, 255), np.uint8)
     distance = lambda a: np.abs(a.astype(int) - decoded.astype(int)).mean(axis=(1, 2, 3))
     assert np.all(distance(near) < 1.0) and np.all(distance(txt2img) > 20), (
@@ -142,16 +152,19 @@ def test_img2img_with_a_model_trained_here(trained, tmp_path, capsys):
         distance(txt2img),
     )
     # More steps from the init latents move further from them (5 of 10 steps: 31 levels).
-    five = pipeline.generate(
-        model, prompts, seeds=seeds, init_image=init, strength=0.5, **{**kwargs, "num_steps": 10}
+    five = generate(
+        model,
+        prompts,
+        seed=seeds,
+        image=init,
+        strength=0.5,
+        **{**kwargs, "num_inference_steps": 10},
     )
     assert np.all(distance(five) > 10), (distance(five), distance(near))
-    with pytest.raises(ValueError, match="one per image"):
-        pipeline.generate(model, prompts, seeds=seeds, init_image=[init] * 3, **kwargs)
+    with pytest.raises(ValueError, match="one per prompt"):
+        generate(model, prompts, seed=seeds, image=[init] * 3, **kwargs)
     # An image depends on its own (prompt, seed, init image) only, not on its batch-mates.
-    alone = pipeline.generate(
-        model, prompts[1:], seeds=seeds[1:], init_image=init, strength=0.25, **kwargs
-    )
+    alone = generate(model, prompts[1:], seed=seeds[1:], image=init, strength=0.25, **kwargs)
     np.testing.assert_array_equal(alone[0], near[1])
     # The CLI writes the same image and records the init image and strength.
     out = tmp_path / "i2i"
@@ -172,15 +185,15 @@ def test_img2img_with_a_model_trained_here(trained, tmp_path, capsys):
     assert cli.main([*args, "--init-image", str(tmp_path / "broken.png"), "--out", str(out)]) == 2
     assert "cannot read image" in capsys.readouterr().err
     assert cli.main([*args, "--init-image", str(path), "--mask", str(path), "--out", str(out)]) == 2
-    assert "--mask only apply with --pretrained" in capsys.readouterr().err
+    assert "inpainting needs a 9-channel inpainting U-Net" in capsys.readouterr().err
     with pytest.raises(ValueError, match="strength must be in"):
-        pipeline.generate(model, prompts, seeds=seeds, init_image=init, strength=0.0, **kwargs)
+        generate(model, prompts, seed=seeds, image=init, strength=0.0, **kwargs)
 
 
 def test_ddpm_sampler_and_unknown_sampler(trained, tmp_path, capsys):
     _, lat = trained
-    model = pipeline.load_from_workdir(lat)
-    images = pipeline.generate(model, ["a red circle"], seeds=[0], num_steps=3, sampler="ddpm")
+    model = load_run(lat)
+    images = generate(model, ["a red circle"], seed=[0], num_inference_steps=3, sampler="ddpm")
     assert images.shape == (1, 32, 32, 3) and images.dtype == np.uint8
     code = cli.main(
         [
@@ -360,16 +373,16 @@ def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_p
 
 def test_update_lowers_the_ldm_loss_on_a_fixed_batch():
     config = load_config(SHAPES + ":ldm,smoke")
-    model = pipeline.LatentDiffusion.from_config(config)
+    model = model_lib.from_config(config)
     rng = np.random.default_rng(0)
-    ids = model.tokenizer(["a red circle", "a blue square", "a small green triangle", ""] * 2)
+    ids = model.tokenizers[0](["a red circle", "a blue square", "a small green triangle", ""] * 2)
     batch = {
         "latent_mean": rng.standard_normal((8, 16, 16, 4)).astype(np.float32),
         "latent_std": np.full((8, 16, 16, 4), 0.1, np.float32),
         "caption_ids": ids,
         "canonical_ids": ids,
     }
-    loss_fn = ldm.make_loss_fn(model, config, model.tokenizer([""])[0])
+    loss_fn = ldm.make_loss_fn(model, config, model.tokenizers[0]([""])[0])
     optimizer = loop.make_optimizer(config.optimizer, 40)
     k1, k2 = jax.random.split(jax.random.key(0))
 
@@ -378,7 +391,7 @@ def test_update_lowers_the_ldm_loss_on_a_fixed_batch():
         length = config.tokenizer.context_length
         context = jnp.zeros((1, length, config.text_encoder.hidden_size))
         unet = model.unet.init(k1, jnp.zeros((1, 16, 16, 4)), jnp.zeros(1), context)
-        text_encoder = model.text_encoder.init(k2, jnp.zeros((1, length), jnp.int32))
+        text_encoder = model.text_encoders[0].init(k2, jnp.zeros((1, length), jnp.int32))
         return {"unet": unet, "text_encoder": text_encoder}
 
     state = loop.init_state(init(), optimizer, frozen={"latent_scale": jnp.float32(1.0)})
@@ -412,11 +425,13 @@ def test_clip_tokenizer_config_builds_a_matching_text_encoder(clip_tokenizer_dir
             "tokenizer.context_length=77",
         ],
     )
-    model = pipeline.LatentDiffusion.from_config(config)
-    assert model.text_encoder.vocab_size == 49408 and model.text_encoder.eos_token_id == 49407
-    ids = model.tokenizer(["a cat sitting on a sunny windowsill", ""])
-    params = jax.eval_shape(model.text_encoder.init, jax.random.key(0), ids)
-    out = jax.eval_shape(model.text_encoder.apply, params, ids)
+    model = model_lib.from_config(config)
+    assert (
+        model.text_encoders[0].vocab_size == 49408 and model.text_encoders[0].eos_token_id == 49407
+    )
+    ids = model.tokenizers[0](["a cat sitting on a sunny windowsill", ""])
+    params = jax.eval_shape(model.text_encoders[0].init, jax.random.key(0), ids)
+    out = jax.eval_shape(model.text_encoders[0].apply, params, ids)
     assert out.last_hidden_state.shape == (2, 77, config.text_encoder.hidden_size)
 
 
@@ -499,13 +514,13 @@ def test_sample_out_is_checked_before_sampling_and_never_overwritten(
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == first
 
     # The library refuses what the CLI refuses.
-    model = pipeline.load_from_workdir(lat)
+    model = load_run(lat)
     with pytest.raises(ValueError, match="guidance_scale must be finite"):
-        pipeline.generate(model, ["x"], seeds=[0], guidance_scale=float("nan"))
+        generate(model, ["x"], seed=[0], guidance_scale=float("nan"))
     with pytest.raises(
         ValueError, match=r"seeds must be integers in \[0, 2\*\*32 - 1\], got \[-5\]"
     ):
-        pipeline.generate(model, ["x"], seeds=[-5])
+        generate(model, ["x"], seed=[-5])
 
 
 def test_bad_eval_arguments_are_named_before_loading(tmp_path, capsys):
@@ -696,8 +711,8 @@ def test_progressive_distillation_rounds(trained, data_dir, tmp_path, capsys, ca
     assert cli.main([*args, "--out", str(out)]) == 0  # the student's own steps and guidance
     manifest = json.loads((out / "manifest.json").read_text())
     assert [(r["steps"], r["guidance_scale"]) for r in manifest] == [(1, 1.0)] * 2
-    student = pipeline.load_from_workdir(second)
-    assert "teacher" not in student.frozen  # sampling carries only the VAE and the latent scale
+    student = load_run(second)
+    assert set(student.run_frozen()) == {"vae", "latent_scale"}  # no teacher when sampling
     assert student.config.sample.num_steps == 1
     assert dict(student.config.sample.sampler_options) == {"timestep_spacing": "trailing"}
 

@@ -122,6 +122,30 @@ def sdxl_pipeline(tokenizer_dir, **unet_kwargs):
     )
 
 
+def sdxl_refiner_pipeline(tokenizer_dir):
+    """The refiner's layout: text_encoder_2 only (with projection), aesthetic-score time ids
+    (5 of them), an img2img pipeline; the base's VAE (the same latent space)."""
+    tokenizer = transformers.CLIPTokenizer.from_pretrained(tokenizer_dir)
+    denoiser = unet(
+        cross_attention_dim=32,
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=32 + 5 * 8,
+    )
+    return diffusers.StableDiffusionXLImg2ImgPipeline(
+        vae=vae(),
+        text_encoder=None,
+        text_encoder_2=text_encoder(projection=True, act="gelu"),
+        tokenizer=None,
+        tokenizer_2=tokenizer,
+        unet=denoiser,
+        scheduler=scheduler(),
+        requires_aesthetics_score=True,
+        force_zeros_for_empty_prompt=False,
+    )
+
+
 CLIP_IMAGE_SIZE = 32
 
 

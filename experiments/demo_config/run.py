@@ -134,12 +134,12 @@ def train(name: str, out: pathlib.Path, data_dir: str | None) -> float:
 def score_autoencoder(workdir: pathlib.Path, num_images: int = 500) -> dict:
     import jax
 
+    from ldm_jax import images as image_lib
     from ldm_jax.config import read_config
     from ldm_jax.data.pipeline import load_dataset
     from ldm_jax.eval import adherence
-    from ldm_jax.pipeline import build_autoencoder
-    from ldm_jax.train import images as image_lib
-    from ldm_jax.train.checkpointing import Checkpointer
+    from ldm_jax.models.builders import build_autoencoder
+    from ldm_jax.runs import Checkpointer
 
     config = read_config(workdir / "config.json")
     checkpointer = Checkpointer(workdir, read_only=True)
@@ -166,9 +166,9 @@ def score_autoencoder(workdir: pathlib.Path, num_images: int = 500) -> dict:
 
 def score_ldm(workdir: pathlib.Path, seed: int) -> dict:
     from ldm_jax.eval import adherence
-    from ldm_jax.pipeline import load_from_workdir
+    from ldm_jax.model import load_run
 
-    result = adherence.evaluate(load_from_workdir(workdir), guidance_scales=(4.0,), seed=seed)
+    result = adherence.evaluate(load_run(workdir), guidance_scales=(4.0,), seed=seed)
     row = result["rows"][0]
     return {k: row[k] for k in ("color", "shape", "color_and_shape", "position")}
 

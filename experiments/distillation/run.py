@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 
 from ldm_jax.config import load_config
 from ldm_jax.eval import adherence
-from ldm_jax.pipeline import load_from_workdir
+from ldm_jax.model import load_run
 from ldm_jax.train import distill
 
 CONFIG = pathlib.Path(__file__).resolve().parents[2] / "configs" / "shapes.py"
@@ -53,7 +53,7 @@ def distill_rounds(teacher, out: pathlib.Path, rounds: int, steps_per_round: int
 
 
 def score(workdir, steps: int, guidance: float, args) -> dict:
-    model = load_from_workdir(workdir)
+    model = load_run(workdir)
     result = adherence.evaluate(
         model,
         guidance_scales=(guidance,),

@@ -3,7 +3,8 @@
 Importing this package does not import torch (only reading pickled `.ckpt`/`.bin` files does).
 
 - `load_pretrained(path, variant=None, tokenizer_dir=None, tokenizer_2_dir=None, **overrides)`
-  -> `PretrainedModel` (diffusers folder or single-file checkpoint).
+  -> `ldm_jax.model.Model` (diffusers folder, single-file checkpoint or orbax export; the
+  bundle `ldm_jax.model.load_pretrained` returns with a mesh).
 - `save_pretrained(model, path, variant=None, dtype=None)`: a diffusers folder.
 - `save_orbax(model, path)` / `load_orbax(path)`: one orbax checkpoint of all parameters.
 - `read_state_dict(path)`: a lazy `name -> float32 array` mapping from any weights file.
@@ -15,7 +16,6 @@ Importing this package does not import torch (only reading pickled `.ckpt`/`.bin
 from ldm_jax.convert.clip_model import CLIPModelBundle, load_clip_model, preprocess_images
 from ldm_jax.convert.configs import UnsupportedConfigError
 from ldm_jax.convert.diffusers import (
-    PretrainedModel,
     convert_state_dict,
     detect_kind,
     export_state_dict,
@@ -32,7 +32,6 @@ from ldm_jax.convert.state_dict import CheckpointError, read_state_dict
 __all__ = [
     "CLIPModelBundle",
     "CheckpointError",
-    "PretrainedModel",
     "UnsupportedConfigError",
     "convert_state_dict",
     "detect_kind",

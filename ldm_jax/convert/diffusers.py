@@ -12,12 +12,10 @@ The weights become float32 Flax variables `{"params": ...}` by the naming rule o
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import pathlib
 import shutil
 from collections.abc import Mapping
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -26,69 +24,11 @@ import numpy as np
 from ldm_jax.convert import configs as cfg
 from ldm_jax.convert.naming import params_to_state_dict, state_dict_to_params
 from ldm_jax.convert.state_dict import CheckpointError, read_state_dict
-from ldm_jax.models.clip import CLIPTextTransformer
+from ldm_jax.model import TEXT_ENCODER_SLOTS, Model, text_encoder_slots
 from ldm_jax.models.unet import UNet2DConditionModel
-from ldm_jax.models.vae import AutoencoderKL
 
-TEXT_ENCODER_SLOTS = ("text_encoder", "text_encoder_2")
 TOKENIZER_SLOTS = ("tokenizer", "tokenizer_2")
 KINDS = ("sd1", "sd2", "sdxl", "sdxl-refiner")
-
-
-@dataclasses.dataclass
-class PretrainedModel:
-    """A loaded Stable Diffusion checkpoint: modules and their float32 variables.
-
-    kind: "sd1", "sd2", "sdxl" or "sdxl-refiner", with "-inpaint" for 9-channel U-Nets.
-    unet_params, vae_params, text_encoder_params[i]: Flax variables `{"params": ...}`.
-    scaling_factor: latents seen by the U-Net are `vae.encode(x).mean * scaling_factor`.
-    text_encoders / tokenizers: in slot order (`text_encoder`, `text_encoder_2`), only those the
-      checkpoint has: SD1/2 one, SDXL two, the SDXL refiner one (its `text_encoder_2`, with
-      projection). tokenizers is () for a single file loaded without tokenizer folders.
-    scheduler_config: the `scheduler/scheduler_config.json` dict ({} if the source has none).
-    configs: the raw component configs ("unet", "vae", "text_encoder", "text_encoder_2",
-      "model_index"), kept for export.
-    """
-
-    kind: str
-    unet: UNet2DConditionModel
-    unet_params: Any
-    vae: AutoencoderKL
-    vae_params: Any
-    scaling_factor: float
-    text_encoders: tuple[CLIPTextTransformer, ...] = ()
-    text_encoder_params: tuple[Any, ...] = ()
-    tokenizers: tuple[Any, ...] = ()
-    scheduler_config: dict = dataclasses.field(default_factory=dict)
-    configs: dict = dataclasses.field(default_factory=dict)
-    source: str = ""
-
-    @property
-    def text_encoder_slots(self) -> tuple[str, ...]:
-        """The diffusers folder names of `text_encoders`, e.g. ("text_encoder_2",) for a refiner."""
-        return text_encoder_slots(self.kind)
-
-    @property
-    def vae_scale_factor(self) -> int:
-        """Pixels per latent along each axis (8 for SD)."""
-        return self.vae.downsampling_factor
-
-    def get_tokenizers(self) -> tuple[Any, ...]:
-        """`tokenizers`, or an error explaining how to supply them (single-file checkpoints)."""
-        if len(self.tokenizers) != len(self.text_encoders):
-            raise ValueError(
-                f"{self.source} has no tokenizer (single-file checkpoints carry none): pass "
-                "tokenizer_dir= (and tokenizer_2_dir= for SDXL) to load_pretrained, e.g. the "
-                "`tokenizer/` folder of the diffusers release of the same model"
-            )
-        return self.tokenizers
-
-
-def text_encoder_slots(kind: str) -> tuple[str, ...]:
-    base = kind.removesuffix("-inpaint")
-    if base == "sdxl-refiner":
-        return ("text_encoder_2",)
-    return TEXT_ENCODER_SLOTS if base == "sdxl" else ("text_encoder",)
 
 
 def detect_kind(unet: UNet2DConditionModel, text_slots: tuple[str, ...]) -> str:
@@ -275,7 +215,7 @@ def _assemble(kind, configs, state_dicts, tokenizers, scheduler_config, source, 
     if absent:
         raise CheckpointError(f"{source}: a {kind} checkpoint needs {absent}, which it lacks")
     encoders = tuple(module_from_config(s, configs[s], **overrides) for s in slots)
-    return PretrainedModel(
+    return Model(
         kind=kind,
         unet=unet,
         unet_params=convert_state_dict("unet", unet, state_dicts["unet"]),
@@ -300,7 +240,7 @@ def load_pretrained(
     tokenizer_dir=None,
     tokenizer_2_dir=None,
     **overrides,
-) -> PretrainedModel:
+) -> Model:
     """Load a Stable Diffusion 1.x / 2.x / XL / XL-refiner / inpainting checkpoint.
 
     Args:
@@ -335,7 +275,7 @@ def load_pretrained(
     return _assemble(kind, configs, state_dicts, tokenizers, scheduler, path, overrides)
 
 
-def _load_folder(path, variant, tokenizer_dir, tokenizer_2_dir, overrides) -> PretrainedModel:
+def _load_folder(path, variant, tokenizer_dir, tokenizer_2_dir, overrides) -> Model:
     index = _read_json(path / "model_index.json")
     present = lambda name: (
         isinstance(index.get(name), list) and index[name][0] is not None and (path / name).is_dir()
@@ -387,7 +327,7 @@ def _write_json(path: pathlib.Path, data: dict):
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
-def _model_index(model: PretrainedModel) -> dict:
+def _model_index(model: Model) -> dict:
     base = model.configs.get("model_index", {})
     default = PIPELINE_CLASSES.get(
         model.kind, PIPELINE_CLASSES[model.kind.removesuffix("-inpaint")]
@@ -422,7 +362,7 @@ def _model_index(model: PretrainedModel) -> dict:
     return index
 
 
-def save_pretrained(model: PretrainedModel, path, *, variant: str | None = None, dtype=None):
+def save_pretrained(model: Model, path, *, variant: str | None = None, dtype=None):
     """Write `model` as a diffusers folder that `DiffusionPipeline.from_pretrained` loads.
 
     Weights are safetensors in PyTorch layout (float32, or `dtype` such as np.float16; with
@@ -472,7 +412,7 @@ def save_pretrained(model: PretrainedModel, path, *, variant: str | None = None,
 
 
 # ---------------------------------------------------------------- orbax
-def save_orbax(model: PretrainedModel, path) -> None:
+def save_orbax(model: Model, path) -> None:
     """Save all parameters as one orbax checkpoint at `path` (a new directory), with the
     configs needed to rebuild the modules in `path/pretrained.json` and the tokenizers."""
     import orbax.checkpoint as ocp
@@ -505,7 +445,7 @@ def save_orbax(model: PretrainedModel, path) -> None:
         tokenizer.save_pretrained(str(path / slot.replace("text_encoder", "tokenizer")))
 
 
-def load_orbax(path, **overrides) -> PretrainedModel:
+def load_orbax(path, **overrides) -> Model:
     """Inverse of `save_orbax`."""
     import orbax.checkpoint as ocp
 
@@ -528,7 +468,7 @@ def load_orbax(path, **overrides) -> PretrainedModel:
         folder = path / slot.replace("text_encoder", "tokenizer")
         if folder.is_dir():
             tokenizers.append(_load_tokenizer(folder))
-    return PretrainedModel(
+    return Model(
         kind=kind,
         unet=modules["unet"],
         unet_params=tree["unet"],

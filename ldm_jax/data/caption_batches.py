@@ -20,7 +20,7 @@ import numpy as np
 
 from ldm_jax.data import latents as latents_lib
 from ldm_jax.data.pipeline import SIZE_COLUMNS, StepIndexedBatches, load_dataset
-from ldm_jax.train.checkpointing import params_fingerprint
+from ldm_jax.runs import params_fingerprint
 
 log = logging.getLogger("ldm_jax")
 

@@ -55,22 +55,12 @@ def latent_scale(latent_mean, latent_std, seed: int, max_examples: int = MAX_SCA
 
 def load_vae(workdir: str | os.PathLike):
     """(run config, VAE params) of an `autoencoder` run (EMA weights) or an `ldm` run (its VAE)."""
-    from ldm_jax.config import read_config
-    from ldm_jax.train.checkpointing import Checkpointer
+    from ldm_jax.runs import open_run
 
-    workdir = pathlib.Path(workdir)
-    if not (workdir / "config.json").exists():
-        raise FileNotFoundError(f"no training run in {workdir} (config.json missing)")
-    run_config = read_config(workdir / "config.json")
-    step = Checkpointer(workdir, read_only=True).latest_step()
-    if step is None:
-        raise FileNotFoundError(f"no checkpoint in {workdir / 'checkpoints'}")
-    state = Checkpointer(workdir, read_only=True).restore_raw(step)
+    run_config, state, _ = open_run(workdir, ("autoencoder", "ldm"), what="encoding")
     if run_config.stage == "autoencoder":
         return run_config, state["ema_params"]
-    if run_config.stage == "ldm":
-        return run_config, state["frozen"]["vae"]
-    raise ValueError(f"{workdir} holds a {run_config.stage!r} run; need autoencoder or ldm")
+    return run_config, state["frozen"]["vae"]
 
 
 def encode(
@@ -90,13 +80,12 @@ def encode(
     """
     from ldm_jax.data.pipeline import load_dataset
     from ldm_jax.data.tokenizers import tokenizer_from_config
-    from ldm_jax.pipeline import build_autoencoder
-    from ldm_jax.train import autoencoder as autoencoder_stage
-    from ldm_jax.train.checkpointing import as_json, params_fingerprint
+    from ldm_jax.models.builders import autoencoder_signature, build_autoencoder
+    from ldm_jax.runs import as_json, params_fingerprint
 
     out_dir = check_new_output(out_dir)
     run_config, vae_params = load_vae(workdir)
-    want, have = autoencoder_stage.signature(config), autoencoder_stage.signature(run_config)
+    want, have = autoencoder_signature(config), autoencoder_signature(run_config)
     if as_json(want) != as_json(have):
         raise ValueError(f"the VAE in {workdir} ({have}) does not match this config ({want})")
     tokenizer = tokenizer_from_config(config.tokenizer)
@@ -328,8 +317,8 @@ def load(config, vae_params, *, in_memory: bool | None = None):
     Returns {column: float32[N, h, w, c] / int32[N, context]} in memory, or (in_memory False) a
     `RecordTable` whose columns are read on demand by example index.
     """
-    from ldm_jax.train import autoencoder as autoencoder_stage
-    from ldm_jax.train.checkpointing import as_json, params_fingerprint
+    from ldm_jax.models.builders import autoencoder_signature
+    from ldm_jax.runs import as_json, params_fingerprint
 
     meta, table = open_table(
         config.data.precomputed_latents_dir,
@@ -343,7 +332,7 @@ def load(config, vae_params, *, in_memory: bool | None = None):
     checks = {
         "autoencoder": (
             meta["autoencoder_signature"],
-            as_json(autoencoder_stage.signature(config)),
+            as_json(autoencoder_signature(config)),
         ),
         "tokenizer": (meta["tokenizer"], config.tokenizer.to_dict()),
         "VAE parameters": (meta["vae_fingerprint"], params_fingerprint(vae_params)),

@@ -86,3 +86,29 @@ def loss_weight(alpha_bar, prediction_type: str, weighting: str = "none", gamma:
     raise ValueError(
         f"unknown prediction_type {prediction_type!r}; valid: {', '.join(PREDICTION_TYPES)}"
     )
+
+
+def weighted_mse(pred, target, alpha_bar, prediction_type: str, weighting="none", gamma=5.0):
+    """(loss, {"mse"}): the per-example mean squared error of the network's output to its target
+    (in float32 whatever the compute dtype), weighted by `loss_weight` and averaged over the
+    batch; "mse" is the unweighted mean, for logs."""
+    mse = jnp.mean((pred.astype(jnp.float32) - target) ** 2, axis=tuple(range(1, pred.ndim)))
+    weight = loss_weight(alpha_bar, prediction_type, weighting, gamma)
+    return jnp.mean(weight * mse), {"mse": jnp.mean(mse)}
+
+
+def denoising_loss(
+    apply_fn, x0, noise, t, alphas_cumprod, prediction_type: str, weighting="none", gamma=5.0
+):
+    """The denoising objective (Ho et al. 2020, Eq. 14; in any parameterization, Salimans & Ho
+    2022, and weighting, Hang et al. 2023): x_0 noised to integer timesteps t (int[B]) with
+    `noise`, the network's output at (x_t, t as float32) against its target.
+
+    apply_fn(x_t, t) -> output: the network with its conditioning bound (text, micro-
+    conditioning, dropout rng). The one loss of training from scratch (`train/ldm.py`) and
+    fine-tuning (`train/finetune.py`); progressive distillation regresses its own target with
+    `weighted_mse`. Returns (loss, {"mse"})."""
+    alpha_bar = alphas_cumprod[t]
+    pred = apply_fn(add_noise(x0, noise, alpha_bar), t.astype(jnp.float32))
+    target = training_target(x0, noise, alpha_bar, prediction_type)
+    return weighted_mse(pred, target, alpha_bar, prediction_type, weighting, gamma)

@@ -394,6 +394,21 @@ _OFF_SWITCHES = {
 _IMPLIED = {"ddim": {"set_alpha_to_one": True}, "ddpm": {"variance_type": "fixed_small"}}
 
 
+# The scheduler of checkpoints without a scheduler_config.json (original single files): SD's
+# training betas (Rombach et al. 2022, "linear_start/linear_end" of the original configs) and
+# diffusers' SD step spacing; a config's own fields override these.
+SD_SCHEDULER_DEFAULTS = {
+    "_class_name": "DDIMScheduler",
+    "num_train_timesteps": 1000,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "timestep_spacing": "leading",
+    "steps_offset": 1,
+    "clip_sample": False,
+}
+
+
 def sampler_from_scheduler_config(cfg) -> tuple[str, dict, NoiseSchedule]:
     """(sampler name, options, schedule) meaning what a diffusers `scheduler_config.json` means.
 

@@ -276,9 +276,14 @@ def evaluate(
     Returns {"rows": [score + guidance + images_per_sec], "table": markdown}; with `out_dir`,
     also writes table.md, results.json and one grid per scale (rows: prompts, columns: seeds).
     """
+    from ldm_jax.images import make_grid, save_png
     from ldm_jax.pipeline import generate
-    from ldm_jax.train.images import make_grid, save_png
 
+    if any(0 < w < 1 for w in guidance_scales):
+        raise ValueError(
+            f"guidance scales in (0, 1) are not supported, got {list(guidance_scales)}: 0 is the "
+            "unconditional model, and generate() runs the conditional one for w <= 1 (diffusers)"
+        )
     records = adherence_prompts(num_canonical=num_canonical, seed=seed)
     expanded = [r for r in records for _ in range(num_per_prompt)]
     prompts = [r["prompt"] for r in expanded]
@@ -287,12 +292,14 @@ def evaluate(
     out = pathlib.Path(out_dir) if out_dir is not None else None
     for scale in guidance_scales:
         start = time.perf_counter()
+        # Guidance 0 is the unconditional model: the empty prompt (what classifier-free
+        # guidance's w = 0 gives). generate() follows diffusers, where w <= 1 means conditional.
         images = generate(
             ldm,
-            prompts,
-            seeds=seeds,
-            guidance_scale=scale,
-            num_steps=num_steps,
+            prompts if scale != 0 else [""] * len(prompts),
+            seed=seeds,
+            guidance_scale=max(scale, 1.0),
+            num_inference_steps=num_steps,
             sampler=sampler,
             sampler_options=sampler_options,
             batch_size=batch_size,

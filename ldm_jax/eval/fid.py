@@ -285,7 +285,7 @@ class InceptionFeatures:
         """From pytorch-fid's `pt_inception-2015-12-05-6726825d.pth` (or torch-fidelity's file,
         or the same tensors as .safetensors)."""
         from ldm_jax.convert.inception import load_inception_params
-        from ldm_jax.train.checkpointing import params_fingerprint
+        from ldm_jax.runs import params_fingerprint
 
         params = load_inception_params(path)
         return cls(params, fingerprint=params_fingerprint(params), **kwargs)
@@ -464,8 +464,8 @@ def evaluate_samplers(
     score of the samples against their prompts. With `out_dir`: results.json, table.md and a grid
     of each run's first 32 images."""
     from ldm_jax.diffusion.samplers import network_evaluations
+    from ldm_jax.images import make_grid, save_png
     from ldm_jax.pipeline import generate
-    from ldm_jax.train.images import make_grid, save_png
 
     check_comparable(reference, extractor.metadata, "the reference statistics")
     seeds = [seed + i for i in range(len(prompts))]
@@ -479,9 +479,9 @@ def evaluate_samplers(
         images = generate(
             ldm,
             prompts,
-            seeds=seeds,
+            seed=seeds,
             guidance_scale=guidance_scale,
-            num_steps=steps,
+            num_inference_steps=steps,
             sampler=sampler,
             sampler_options=sampler_options,
             batch_size=batch_size,

@@ -16,18 +16,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ldm_jax import images as image_lib
 from ldm_jax.data.pipeline import StepIndexedBatches, load_dataset
+from ldm_jax.models.builders import autoencoder_signature as signature
+from ldm_jax.models.builders import build_autoencoder
 from ldm_jax.models.vae import AutoencoderKL
-from ldm_jax.pipeline import build_autoencoder
-from ldm_jax.train import images as image_lib
 from ldm_jax.train import loop
 
 log = logging.getLogger("ldm_jax")
-
-
-def signature(config) -> dict:
-    """The config fields that fix the autoencoder's parameter shapes."""
-    return {"autoencoder": config.autoencoder.to_dict(), "image_size": config.data.image_size}
 
 
 def make_loss_fn(model: AutoencoderKL, loss_config):

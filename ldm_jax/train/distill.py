@@ -24,16 +24,16 @@ import pathlib
 import jax
 import jax.numpy as jnp
 
+from ldm_jax import model as model_lib
 from ldm_jax import rng as rng_lib
-from ldm_jax.config import read_config
 from ldm_jax.data.pipeline import StepIndexedBatches
 from ldm_jax.diffusion import distillation
 from ldm_jax.diffusion.guidance import classifier_free_guidance
-from ldm_jax.diffusion.objectives import add_noise, loss_weight, training_target
-from ldm_jax.pipeline import LatentDiffusion, load_from_workdir
+from ldm_jax.diffusion.objectives import add_noise, training_target, weighted_mse
+from ldm_jax.model import Model
+from ldm_jax.runs import as_json, read_run_config
 from ldm_jax.train import ldm as ldm_stage
 from ldm_jax.train import loop
-from ldm_jax.train.checkpointing import as_json
 
 log = logging.getLogger("ldm_jax")
 
@@ -43,7 +43,7 @@ def signature(config) -> dict:
     return {**ldm_stage.signature(config), "student_steps": config.distill.student_steps}
 
 
-def load_teacher(config) -> tuple[LatentDiffusion, float]:
+def load_teacher(config) -> tuple[Model, float]:
     """(the teacher model, the guidance scale it is sampled with in the targets)."""
     workdir = config.distill.teacher_workdir
     if not workdir:
@@ -52,13 +52,7 @@ def load_teacher(config) -> tuple[LatentDiffusion, float]:
             "previous round's `distill` run"
         )
     path = pathlib.Path(workdir)
-    if not (path / "config.json").exists():
-        raise FileNotFoundError(f"no training run in {path} (config.json missing)")
-    teacher_config = read_config(path / "config.json")
-    if teacher_config.stage not in ("ldm", "distill"):
-        raise ValueError(
-            f"{path} holds a {teacher_config.stage!r} run; a teacher is ldm or distill"
-        )
+    teacher_config = read_run_config(path, model_lib.RUN_STAGES, what="a teacher")
     want, have = ldm_stage.signature(config), ldm_stage.signature(teacher_config)
     if as_json(want) != as_json(have):
         differing = sorted(k for k in want if as_json(want[k]) != as_json(have.get(k)))
@@ -76,20 +70,22 @@ def load_teacher(config) -> tuple[LatentDiffusion, float]:
                 f"its student takes half as many, not {student_steps}"
             )
         guidance = 1.0  # guidance is already distilled into it: one conditional call per step
-    return load_from_workdir(path), guidance
+    return model_lib.load_run(path), guidance
 
 
-def make_loss_fn(student: LatentDiffusion, teacher: LatentDiffusion, config, guidance: float):
+def make_loss_fn(student: Model, teacher: Model, config, guidance: float):
     """loss_fn(params, frozen, batch, rng): the student's one DDIM step from z_t against the
     teacher's two (Algorithm 2), in the student's parameterization; frozen["teacher"] holds the
     teacher's weights."""
     grid = distillation.distillation_timesteps(student.schedule, config.distill.student_steps)
     grid = {k: jnp.asarray(v) for k, v in grid.items()}
     prediction_type = config.diffusion.prediction_type
-    empty_ids = jnp.asarray(teacher.tokenizer([""])[0])
+    empty_ids = jnp.asarray(teacher.tokenizers[0]([""])[0])
 
     def teacher_fn(params, ids):
-        embed = lambda i: teacher.text_encoder.apply(params["text_encoder"], i).last_hidden_state
+        embed = lambda i: (
+            teacher.text_encoders[0].apply(params["text_encoder"], i).last_hidden_state
+        )
         apply = lambda x, t, ctx: teacher.unet.apply(params["unet"], x, t, ctx)
         cond = embed(ids)
         if guidance == 1.0:
@@ -121,13 +117,12 @@ def make_loss_fn(student: LatentDiffusion, teacher: LatentDiffusion, config, gui
         target = jax.lax.stop_gradient(
             training_target(x_target, eps_target, at("abar_t"), prediction_type)
         )
-        context = student.text_encoder.apply(params["text_encoder"], ids).last_hidden_state
+        context = student.text_encoders[0].apply(params["text_encoder"], ids).last_hidden_state
         pred = student.unet.apply(params["unet"], z_t, at("t"), context)
-        mse = jnp.mean((pred.astype(jnp.float32) - target) ** 2, axis=(1, 2, 3))
-        weight = loss_weight(
-            at("abar_t"), prediction_type, config.loss_weighting, config.min_snr_gamma
-        )
-        return jnp.mean(weight * mse), {"mse": jnp.mean(mse)}
+        return weighted_mse(
+            pred, target, at("abar_t"), prediction_type, config.loss_weighting,
+            config.min_snr_gamma,
+        )  # fmt: skip
 
     return loss_fn
 
@@ -146,9 +141,9 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> loop.TrainState:
         guidance,
         config.distill.student_steps,
     )
-    student = LatentDiffusion.from_config(config)
-    teacher_params = jax.device_get(teacher.params)
-    vae = jax.device_get(teacher.frozen)  # the teacher's VAE and latent scale
+    student = model_lib.from_config(config)
+    teacher_params = jax.device_get(teacher.run_params())
+    vae = jax.device_get(teacher.run_frozen())  # the teacher's VAE and latent scale
 
     # --- Data: as the ldm stage, under the teacher's VAE. ---
     arrays = ldm_stage.training_arrays(config, student, vae["vae"])

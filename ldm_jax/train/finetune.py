@@ -71,23 +71,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ldm_jax import images as image_lib
+from ldm_jax import model as model_lib
 from ldm_jax import rng as rng_lib
-from ldm_jax.config import read_config
 from ldm_jax.convert import configs as convert_configs
 from ldm_jax.convert import load_pretrained, save_pretrained
 from ldm_jax.data import caption_batches
 from ldm_jax.data.caption_batches import make_batches, token_ids
-from ldm_jax.diffusion.objectives import (
-    PREDICTION_TYPES,
-    add_noise,
-    loss_weight,
-    training_target,
-)
-from ldm_jax.diffusion.schedules import NoiseSchedule, sampler_from_scheduler_config
-from ldm_jax.sd_pipeline import SD_SCHEDULER_DEFAULTS, StableDiffusion, encode_prompt, generate
-from ldm_jax.train import images as image_lib
+from ldm_jax.diffusion.objectives import PREDICTION_TYPES, denoising_loss
+from ldm_jax.diffusion.schedules import NoiseSchedule
+from ldm_jax.pipeline import encode_prompt, generate
+from ldm_jax.runs import Checkpointer, params_fingerprint, read_run_config
 from ldm_jax.train import loop
-from ldm_jax.train.checkpointing import Checkpointer, params_fingerprint
 
 log = logging.getLogger("ldm_jax")
 
@@ -140,21 +135,19 @@ def training_schedule(model, prediction_type: str = "") -> tuple[NoiseSchedule, 
     `DDPMScheduler.from_pretrained(<checkpoint>, subfolder="scheduler")` reads the betas (and
     rescale_betas_zero_snr) of whatever scheduler class the checkpoint names; a field its file
     lacks takes DDPMScheduler's default. A checkpoint with no scheduler config (a single file
-    without one) gets SD's, as `sd_pipeline.resolve_sampler` gives it."""
-    scheduler = dict(model.scheduler_config or SD_SCHEDULER_DEFAULTS)
-    scheduler["_class_name"] = "DDPMScheduler"
-    _, _, schedule = sampler_from_scheduler_config(scheduler)
-    prediction_type = prediction_type or scheduler.get("prediction_type") or "epsilon"
+    without one) gets SD's (`Model.schedule`)."""
+    config = model.scheduler_config or {}
+    prediction_type = prediction_type or config.get("prediction_type") or "epsilon"
     if prediction_type not in PREDICTION_TYPES:
         raise ValueError(
             f"unknown prediction_type {prediction_type!r}; valid: {', '.join(PREDICTION_TYPES)}"
         )
-    return schedule, prediction_type
+    return model_lib.training_schedule(config), prediction_type
 
 
 def uses_zero_uncond(model) -> bool:
     """Whether the checkpoint's pipeline feeds zeros as the unconditional embeddings."""
-    return StableDiffusion.from_model(model).force_zeros_for_empty_prompt
+    return model.force_zeros_for_empty_prompt
 
 
 def signature(model) -> dict:
@@ -316,23 +309,14 @@ def loss_with_draws(objective: Objective, params, frozen, batch, draws):
     if pooled is not None:
         added = {"text_embeds": pooled, "time_ids": sdxl_time_ids(objective, batch, draws["flip"])}
     noise = draws["noise"] + objective.noise_offset * draws["offset"]
-    t = draws["t"]
-    alpha_bar = objective.schedule.alphas_cumprod[t]
-    pred = model.unet.apply(
-        params,
-        add_noise(latents, noise, alpha_bar),
-        t.astype(jnp.float32),
-        context,
-        train=True,
-        added_cond_kwargs=added,
+    apply = lambda x_t, t: model.unet.apply(
+        params, x_t, t, context, train=True, added_cond_kwargs=added,
         rngs={"dropout": draws["dropout"]},
-    )
-    target = training_target(latents, noise, alpha_bar, objective.prediction_type)
-    mse = jnp.mean((pred.astype(jnp.float32) - target) ** 2, axis=(1, 2, 3))
-    weight = loss_weight(
-        alpha_bar, objective.prediction_type, objective.loss_weighting, objective.min_snr_gamma
-    )
-    return jnp.mean(weight * mse), {"mse": jnp.mean(mse)}
+    )  # fmt: skip
+    return denoising_loss(
+        apply, latents, noise, draws["t"], objective.schedule.alphas_cumprod,
+        objective.prediction_type, objective.loss_weighting, objective.min_snr_gamma,
+    )  # fmt: skip
 
 
 def make_loss_fn(objective: Objective):
@@ -350,15 +334,13 @@ def make_loss_fn(objective: Objective):
 
 def make_on_sample(config, model, workdir: pathlib.Path):
     """on_sample(step, state): a grid of the sample prompts with the EMA U-Net, one per column."""
-    sd = StableDiffusion.from_model(model)
     prompts = list(config.sample.prompts)
 
     def on_sample(step, state):
         if not prompts:
             return None
-        sd.model = with_params(model, state.ema_params, state.frozen)
         images = generate(
-            sd,
+            with_params(model, state.ema_params, state.frozen),
             prompts,
             num_inference_steps=config.sample.num_inference_steps,
             guidance_scale=config.sample.guidance_scale,
@@ -399,9 +381,7 @@ def export_checkpoint(
     """The latest checkpoint of a fine-tuning run as a diffusers folder (default
     `<workdir>/export`); its EMA U-Net unless ema=False."""
     workdir = pathlib.Path(workdir)
-    config = read_config(workdir / "config.json")
-    if config.stage != "finetune":
-        raise ValueError(f"{workdir} holds a {config.stage!r} run, not a finetune run")
+    config = read_run_config(workdir, ("finetune",), what="export")
     checkpointer = Checkpointer(workdir, read_only=True)
     step = checkpointer.latest_step()
     if step is None:

@@ -21,16 +21,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ldm_jax import images as image_lib
+from ldm_jax import model as model_lib
 from ldm_jax import rng as rng_lib
 from ldm_jax.config import read_config
 from ldm_jax.data import latents as latents_lib
 from ldm_jax.data.pipeline import StepIndexedBatches, load_dataset
-from ldm_jax.diffusion.objectives import add_noise, loss_weight, training_target
-from ldm_jax.pipeline import LatentDiffusion, generate, latent_size
+from ldm_jax.diffusion.objectives import denoising_loss
+from ldm_jax.model import Model
+from ldm_jax.models.builders import latent_size
+from ldm_jax.pipeline import generate
+from ldm_jax.runs import as_json, open_run
 from ldm_jax.train import autoencoder as autoencoder_stage
-from ldm_jax.train import images as image_lib
 from ldm_jax.train import loop
-from ldm_jax.train.checkpointing import Checkpointer, as_json
 
 log = logging.getLogger("ldm_jax")
 
@@ -48,27 +51,21 @@ def signature(config) -> dict:
 
 def load_autoencoder(config):
     """EMA parameters of the stage-1 run in `config.autoencoder_workdir`, checked against config."""
-    ae_dir = pathlib.Path(config.autoencoder_workdir)
     if not config.autoencoder_workdir:
         raise ValueError(
             "config.autoencoder_workdir is empty: train the autoencoder first "
             "(`ldm-jax train --config configs/shapes.py:autoencoder --workdir DIR`) and pass "
             "--config.autoencoder_workdir=DIR"
         )
-    if not (ae_dir / "config.json").exists():
-        raise FileNotFoundError(f"no autoencoder run in {ae_dir} (config.json missing)")
-    ae_config = read_config(ae_dir / "config.json")
+    ae_dir = pathlib.Path(config.autoencoder_workdir)
+    ae_config, state, _ = open_run(ae_dir, ("autoencoder",), what="the ldm stage's VAE")
     want = autoencoder_stage.signature(config)
     have = autoencoder_stage.signature(ae_config)
     if as_json(want) != as_json(have):
         raise ValueError(
             f"the autoencoder in {ae_dir} ({have}) does not match this config ({want})"
         )
-    checkpointer = Checkpointer(ae_dir, read_only=True)
-    step = checkpointer.latest_step()
-    if step is None:
-        raise FileNotFoundError(f"no autoencoder checkpoint in {ae_dir / 'checkpoints'}")
-    return checkpointer.restore_raw(step)["ema_params"]
+    return state["ema_params"]
 
 
 def autoencoder_cpu_options(config) -> dict | None:
@@ -115,7 +112,7 @@ def caption_ids(config, batch, k_cap, k_drop=None, empty_ids=None) -> jax.Array:
     return ids
 
 
-def make_loss_fn(ldm: LatentDiffusion, config, empty_ids: np.ndarray):
+def make_loss_fn(ldm: Model, config, empty_ids: np.ndarray):
     schedule, prediction_type = ldm.schedule, config.diffusion.prediction_type
 
     def loss_fn(params, frozen, batch, rng):
@@ -123,24 +120,19 @@ def make_loss_fn(ldm: LatentDiffusion, config, empty_ids: np.ndarray):
         z = sample_latents(batch, frozen, k_z)
         b = z.shape[0]
         ids = caption_ids(config, batch, k_cap, k_drop, empty_ids)
-        context = ldm.text_encoder.apply(params["text_encoder"], ids).last_hidden_state
+        context = ldm.text_encoders[0].apply(params["text_encoder"], ids).last_hidden_state
         t = jax.random.randint(k_t, (b,), 0, schedule.num_train_timesteps)
         noise = rng_lib.normal(k_eps, z.shape)
-        alpha_bar = schedule.alphas_cumprod[t]
-        pred = ldm.unet.apply(
-            params["unet"], add_noise(z, noise, alpha_bar), t.astype(jnp.float32), context
-        )
-        target = training_target(z, noise, alpha_bar, prediction_type)
-        mse = jnp.mean((pred.astype(jnp.float32) - target) ** 2, axis=(1, 2, 3))
-        weight = loss_weight(
-            alpha_bar, prediction_type, config.loss_weighting, config.min_snr_gamma
-        )
-        return jnp.mean(weight * mse), {"mse": jnp.mean(mse)}
+        apply = lambda x_t, t: ldm.unet.apply(params["unet"], x_t, t, context)
+        return denoising_loss(
+            apply, z, noise, t, schedule.alphas_cumprod, prediction_type,
+            config.loss_weighting, config.min_snr_gamma,
+        )  # fmt: skip
 
     return loss_fn
 
 
-def training_arrays(config, ldm: LatentDiffusion, vae_params) -> dict:
+def training_arrays(config, ldm: Model, vae_params) -> dict:
     """What a step of this stage (or of distillation) reads: the posterior (mean, std) of every
     training image under the frozen VAE and both captions' token ids, computed here or read
     from `ldm-jax encode`'s output."""
@@ -154,26 +146,19 @@ def training_arrays(config, ldm: LatentDiffusion, vae_params) -> dict:
     return {
         "latent_mean": latent_mean,
         "latent_std": latent_std,
-        "caption_ids": ldm.tokenizer(list(data["caption"])),
-        "canonical_ids": ldm.tokenizer(list(canonical)),
+        "caption_ids": ldm.tokenizers[0](list(data["caption"])),
+        "canonical_ids": ldm.tokenizers[0](list(canonical)),
     }
 
 
-def sample_grid_fn(ldm: LatentDiffusion, config, workdir: pathlib.Path):
-    """on_sample(step, state) for `loop.run`: a grid of config.sample.prompts, EMA weights."""
+def sample_grid_fn(model: Model, config, workdir: pathlib.Path):
+    """on_sample(step, state) for `loop.run`: a grid of config.sample.prompts, EMA weights, with
+    the run's own sampler, steps and guidance (`Model.sampling`)."""
     prompts = list(config.sample.prompts)
 
     def on_sample(step, state):
-        ldm.params, ldm.frozen = state.ema_params, state.frozen
-        images = generate(
-            ldm,
-            prompts,
-            seeds=list(range(len(prompts))),
-            guidance_scale=config.sample.guidance_scale,
-            num_steps=config.sample.num_steps,
-            sampler=config.sample.sampler,
-            batch_size=len(prompts),
-        )
+        current = model.with_run_params(state.ema_params, state.frozen)
+        images = generate(current, prompts, seed=0, batch_size=len(prompts))
         grid = image_lib.make_grid(images, ncols=len(prompts))
         return image_lib.save_png(grid, workdir / "samples" / f"step_{step:06d}.png", 4)
 
@@ -182,7 +167,7 @@ def sample_grid_fn(ldm: LatentDiffusion, config, workdir: pathlib.Path):
 
 def train_and_evaluate(config, workdir: str | pathlib.Path) -> loop.TrainState:
     workdir = pathlib.Path(workdir)
-    ldm = LatentDiffusion.from_config(config)
+    ldm = model_lib.from_config(config)
     vae_params = load_autoencoder(config)
 
     # --- Data: latents and token ids, computed once here or read from `ldm-jax encode`. ---
@@ -192,7 +177,7 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> loop.TrainState:
     )
     log.info("latent scale factor 1/std = %.5f", latent_scale)
     batches = StepIndexedBatches(arrays, config.batch_size, config.seed)
-    empty_ids = ldm.tokenizer([""])[0]
+    empty_ids = ldm.tokenizers[0]([""])[0]
 
     # --- Model and optimizer. ---
     optimizer = loop.make_optimizer(config.optimizer, config.num_train_steps)
@@ -200,9 +185,9 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> loop.TrainState:
 
     def init_fn():
         k_text, k_unet = jax.random.split(jax.random.key(config.seed))
-        ids = jnp.zeros((1, ldm.tokenizer.context_length), jnp.int32)
-        text_params = ldm.text_encoder.init(k_text, ids)
-        context = jnp.zeros((1, ldm.tokenizer.context_length, config.text_encoder.hidden_size))
+        ids = jnp.zeros((1, ldm.tokenizers[0].context_length), jnp.int32)
+        text_params = ldm.text_encoders[0].init(k_text, ids)
+        context = jnp.zeros((1, ldm.tokenizers[0].context_length, config.text_encoder.hidden_size))
         unet_params = ldm.unet.init(k_unet, jnp.zeros((1, lat, lat, ch)), jnp.zeros((1,)), context)
         frozen = {"vae": vae_params, "latent_scale": jnp.asarray(latent_scale)}
         return loop.init_state(

@@ -32,7 +32,7 @@ import optax
 from ldm_jax import distributed
 from ldm_jax import sharding as sharding_lib
 from ldm_jax.config import save_config
-from ldm_jax.train.checkpointing import (
+from ldm_jax.runs import (
     Checkpointer,
     CheckpointMismatchError,
     abstract_like,

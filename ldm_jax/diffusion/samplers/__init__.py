@@ -13,6 +13,12 @@ Every sampler is `sampler(model_fn, noise, schedule, num_steps, rng, **options) 
   diffusers' `strength` truncation `timesteps[k * order:]`) and `init_latents` (f32[B,...] clean
   latents, noised to the first kept step's level as diffusers' `scheduler.add_noise` does; the
   solver's history and warm-up start afresh there). See `initial_sample`.
+- ensemble-of-experts handoff options (SDXL base -> refiner), taken by DDIM, DDPM, Euler (and
+  ancestral), LMS, Heun and DPM2 (and ancestral), not yet by the others: `end_step` (stop after the
+  first k entries of diffusers' timesteps list, `timesteps[:k]`, and return the partly denoised
+  latents: the base's `denoising_end`; for the two-stage samplers Heun and DPM2 an entry is a
+  network call) and `add_noise=False` (start from `init_latents` as they are, already at the
+  first kept step's level: the refiner's `denoising_start`). See `check_handoff`.
 Timesteps and sigmas are computed on the host from the static `num_steps`, so changing the seed,
 prompts or guidance scale reuses the compiled loop.
 
@@ -97,6 +103,20 @@ def check_img2img(noise, num_steps: int, start_step, init_latents) -> None:
         )
 
 
+def check_handoff(loop_length: int, start: int, end_step, add_noise: bool, init_latents) -> int:
+    """The loop's end (`end_step`, or `loop_length` when None), after checking the handoff
+    options: end_step in (start, loop_length]; add_noise=False needs init_latents."""
+    if not add_noise and init_latents is None:
+        raise ValueError("add_noise=False needs init_latents (the latents to continue from)")
+    if end_step is None:
+        return loop_length
+    if isinstance(end_step, bool) or not isinstance(end_step, int | np.integer):
+        raise ValueError(f"end_step must be an int, got {end_step!r}")
+    if not start < end_step <= loop_length:
+        raise ValueError(f"end_step must be in ({start}, {loop_length}], got {end_step}")
+    return int(end_step)
+
+
 def initial_sample(
     noise: jnp.ndarray,
     num_steps: int,
@@ -104,6 +124,7 @@ def initial_sample(
     init_latents,
     level: Callable[[int], tuple],
     txt2img_scale=1.0,
+    add_noise: bool = True,
 ) -> jnp.ndarray:
     """The sample a loop starts from, after checking the img2img options.
 
@@ -112,10 +133,13 @@ def initial_sample(
     forward process at the first kept step (Meng et al. 2022, SDEdit; diffusers' `add_noise`):
     (sqrt(alpha_bar_t), sqrt(1 - alpha_bar_t)) for the VP samplers, (1, sigma_k) for the
     sigma-space ones. Also with start_step = 0: diffusers' img2img noises the image at strength 1.
+    add_noise=False: init_latents as they are (a handoff: they are already at that level).
     """
     check_img2img(noise, num_steps, start_step, init_latents)
     if init_latents is None:
         return noise * txt2img_scale
+    if not add_noise:
+        return jnp.asarray(init_latents, noise.dtype)
     alpha, sigma = level(int(start_step))
     return alpha * jnp.asarray(init_latents, noise.dtype) + sigma * noise
 

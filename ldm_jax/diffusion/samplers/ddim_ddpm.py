@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 
 from ldm_jax.diffusion.objectives import predict_x0_and_eps
-from ldm_jax.diffusion.samplers import initial_sample, normal_like, register
+from ldm_jax.diffusion.samplers import check_handoff, initial_sample, normal_like, register
 from ldm_jax.diffusion.schedules import NoiseSchedule, inference_timesteps
 
 
@@ -43,6 +43,8 @@ def ddim(
     clip_sample_range: float = 1.0,
     start_step: int = 0,
     init_latents=None,
+    end_step: int | None = None,
+    add_noise: bool = True,
 ):
     """DDIM (Song et al. 2021, Eq. 12); eta=0 is deterministic, eta=1 matches DDPM's variance.
 
@@ -73,15 +75,16 @@ def ddim(
             x_prev = x_prev + sigma * normal_like(sub, x)
         return x_prev, key
 
-    x = _start(noise, num_steps, start_step, init_latents, abar_t)
-    x, _ = jax.lax.fori_loop(start_step, num_steps, step, (x, rng))
+    end = check_handoff(num_steps, start_step, end_step, add_noise, init_latents)
+    x = _start(noise, num_steps, start_step, init_latents, abar_t, add_noise)
+    x, _ = jax.lax.fori_loop(start_step, end, step, (x, rng))
     return x
 
 
-def _start(noise, num_steps, start_step, init_latents, abar_t):
+def _start(noise, num_steps, start_step, init_latents, abar_t, add_noise=True):
     """img2img: the init latents noised at the first kept timestep (diffusers' add_noise)."""
     level = lambda k: (jnp.sqrt(abar_t[k]), jnp.sqrt(1 - abar_t[k]))
-    return initial_sample(noise, num_steps, start_step, init_latents, level)
+    return initial_sample(noise, num_steps, start_step, init_latents, level, add_noise=add_noise)
 
 
 @register("ddpm")
@@ -99,6 +102,8 @@ def ddpm(
     clip_sample_range: float = 1.0,
     start_step: int = 0,
     init_latents=None,
+    end_step: int | None = None,
+    add_noise: bool = True,
 ):
     """Ancestral DDPM (Ho et al. 2020, Eqs. 6-7) on a subsequence of timesteps, as diffusers'
     DDPMScheduler with `variance_type="fixed_small"`; `clip_sample` clamps the x_0 estimate."""
@@ -125,6 +130,7 @@ def ddpm(
         x = mean + jnp.where(last, 0.0, jnp.sqrt(var)) * z
         return x, key
 
-    x = _start(noise, num_steps, start_step, init_latents, abar_t)
-    x, _ = jax.lax.fori_loop(start_step, num_steps, step, (x, rng))
+    end = check_handoff(num_steps, start_step, end_step, add_noise, init_latents)
+    x = _start(noise, num_steps, start_step, init_latents, abar_t, add_noise)
+    x, _ = jax.lax.fori_loop(start_step, end, step, (x, rng))
     return x

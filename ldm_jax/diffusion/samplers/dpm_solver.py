@@ -399,6 +399,7 @@ def _alias(name: str, base, summary: str, fixed: dict, defaults: dict | None = N
         return base(model_fn, noise, schedule, num_steps, rng, **{**defaults, **fixed, **options})
 
     sampler.__name__ = sampler.__qualname__ = name
+    sampler.__wrapped__ = base  # inspect.signature shows the options it forwards to
     fixed_text = ", ".join(f"{k}={v!r}" for k, v in {**fixed, **defaults}.items())
     sampler.__doc__ = f"{summary}: `{base.__name__}` with {fixed_text}; other options as there."
     register(name)(sampler)

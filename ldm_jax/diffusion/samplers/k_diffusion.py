@@ -17,7 +17,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from ldm_jax.diffusion.objectives import PREDICTION_TYPES
-from ldm_jax.diffusion.samplers import check_img2img, initial_sample, normal_like, register
+from ldm_jax.diffusion.samplers import (
+    check_handoff,
+    check_img2img,
+    initial_sample,
+    normal_like,
+    register,
+)
 from ldm_jax.diffusion.schedules import (
     NoiseSchedule,
     inference_sigmas,
@@ -63,12 +69,13 @@ def _const(a):
     return jnp.asarray(np.asarray(a, np.float32))
 
 
-def _start(noise, sigmas, num_steps, timestep_spacing, start_step, init_latents):
+def _start(noise, sigmas, num_steps, timestep_spacing, start_step, init_latents, add_noise=True):
     """x at the first step run: noise * init_noise_sigma, or (img2img) init_latents + sigma_k
-    noise, diffusers' sigma-space `add_noise` at the first kept step k."""
+    noise, diffusers' sigma-space `add_noise` at the first kept step k (or, add_noise=False,
+    init_latents as they are)."""
     scale = init_noise_sigma(sigmas, timestep_spacing)
     level = lambda k: (1.0, jnp.float32(sigmas[k]))
-    return initial_sample(noise, num_steps, start_step, init_latents, level, scale)
+    return initial_sample(noise, num_steps, start_step, init_latents, level, scale, add_noise)
 
 
 @register("euler")
@@ -96,6 +103,8 @@ def euler(
     s_noise: float = 1.0,
     start_step: int = 0,
     init_latents=None,
+    end_step: int | None = None,
+    add_noise: bool = True,
 ):
     """Euler's method on the probability-flow ODE (Karras et al. 2022, Algorithm 2 with
     S_churn = 0), as diffusers' EulerDiscreteScheduler.
@@ -142,8 +151,9 @@ def euler(
         d = (x - x0) / hat[i]
         return x + d * (sig[i + 1] - hat[i])
 
-    x = _start(noise, sigmas, num_steps, timestep_spacing, start_step, init_latents)
-    return jax.lax.fori_loop(start_step, num_steps, step, x)
+    end = check_handoff(num_steps, start_step, end_step, add_noise, init_latents)
+    x = _start(noise, sigmas, num_steps, timestep_spacing, start_step, init_latents, add_noise)
+    return jax.lax.fori_loop(start_step, end, step, x)
 
 
 @register("euler_ancestral")
@@ -159,6 +169,8 @@ def euler_ancestral(
     steps_offset: int = 0,
     start_step: int = 0,
     init_latents=None,
+    end_step: int | None = None,
+    add_noise: bool = True,
 ):
     """Ancestral Euler (k-diffusion `sample_euler_ancestral`), as diffusers'
     EulerAncestralDiscreteScheduler: an Euler step down to sigma_down, then fresh noise of std
@@ -178,8 +190,9 @@ def euler_ancestral(
         d = (x - x0) / sig[i]
         return x + d * (down[i] - sig[i]) + _normal(rng, i, x) * up[i]
 
-    x = _start(noise, sigmas, num_steps, timestep_spacing, start_step, init_latents)
-    return jax.lax.fori_loop(start_step, num_steps, step, x)
+    end = check_handoff(num_steps, start_step, end_step, add_noise, init_latents)
+    x = _start(noise, sigmas, num_steps, timestep_spacing, start_step, init_latents, add_noise)
+    return jax.lax.fori_loop(start_step, end, step, x)
 
 
 def _lms_coefficients(sigmas: np.ndarray, order: int, start: int = 0) -> np.ndarray:
@@ -220,6 +233,8 @@ def lms(
     order: int = 4,
     start_step: int = 0,
     init_latents=None,
+    end_step: int | None = None,
+    add_noise: bool = True,
 ):
     """Linear multistep in sigma (k-diffusion `sample_lms`), as diffusers' LMSDiscreteScheduler
     with its default `order=4`: x += sum_j c_ij d_{i-j} over the last `order` derivatives.
@@ -253,12 +268,15 @@ def lms(
         x = x + jnp.tensordot(coeffs[i], hist, axes=1)
         return x, hist
 
-    x = _start(noise, sigmas, num_steps, timestep_spacing, start_step, init_latents)
+    end = check_handoff(num_steps, start_step, end_step, add_noise, init_latents)
+    x = _start(noise, sigmas, num_steps, timestep_spacing, start_step, init_latents, add_noise)
     hist = jnp.zeros((order,) + x.shape, x.dtype)
-    return jax.lax.fori_loop(start_step, num_steps, step, (x, hist))[0]
+    return jax.lax.fori_loop(start_step, end, step, (x, hist))[0]
 
 
-def _two_stage(model_fn, x, calls, prediction_type, rng=None, clip_range=None, start_step=0):
+def _two_stage(
+    model_fn, x, calls, prediction_type, rng=None, clip_range=None, start_step=0, end_step=None
+):
     """The loop shared by Heun, DPM2 and ancestral DPM2, one network call per iteration.
 
     calls: host arrays over the 2N-1 calls of diffusers' interleaved timesteps: t, sigma (the level
@@ -266,7 +284,9 @@ def _two_stage(model_fn, x, calls, prediction_type, rng=None, clip_range=None, s
     first stage's derivative) and up (second stage: std of the added noise, ancestral only).
     A first stage saves (x, d) and steps x + d dt; a second stage steps from the saved x with
     (w d_first + (1 - w) d) dt (+ up z). Step k starts at call 2k (img2img: diffusers'
-    `timesteps[k * order:]`).
+    `timesteps[k * order:]`); end_step: the calls run end there (diffusers' `timesteps[:k]`,
+    possibly after a first stage: x is then the Euler step to the next level, as diffusers'
+    scheduler leaves it).
     """
     n = len(calls["t"])
     c = {k: _const(v) for k, v in calls.items()}
@@ -285,7 +305,8 @@ def _two_stage(model_fn, x, calls, prediction_type, rng=None, clip_range=None, s
         return x_new, jnp.where(first, x, x_saved), jnp.where(first, d, d_saved)
 
     zeros = jnp.zeros_like(x)
-    return jax.lax.fori_loop(2 * start_step, n, step, (x, zeros, zeros))[0]
+    end = n if end_step is None else end_step
+    return jax.lax.fori_loop(2 * start_step, end, step, (x, zeros, zeros))[0]
 
 
 def _interleave(first: np.ndarray, second: np.ndarray) -> np.ndarray:
@@ -313,6 +334,8 @@ def heun(
     clip_sample_range: float = 1.0,
     start_step: int = 0,
     init_latents=None,
+    end_step: int | None = None,
+    add_noise: bool = True,
 ):
     """Heun's second-order method (Karras et al. 2022, Algorithm 1), as diffusers'
     HeunDiscreteScheduler: an Euler step to sigma_{i+1}, corrected with the mean of the two
@@ -337,9 +360,18 @@ def heun(
         w=_interleave(np.zeros(n), np.full(n - 1, 0.5)),
         up=np.zeros(2 * n - 1),
     )
-    x = _start(noise, sigmas, num_steps, timestep_spacing, start_step, init_latents)
+    check_handoff(2 * num_steps - 1, 2 * start_step, end_step, add_noise, init_latents)
+    x = _start(noise, sigmas, num_steps, timestep_spacing, start_step, init_latents, add_noise)
     clip = clip_sample_range if clip_sample else None
-    return _two_stage(model_fn, x, calls, prediction_type, clip_range=clip, start_step=start_step)
+    return _two_stage(
+        model_fn,
+        x,
+        calls,
+        prediction_type,
+        clip_range=clip,
+        start_step=start_step,
+        end_step=end_step,
+    )
 
 
 def _dpm2_sigmas(schedule, num_steps, timestep_spacing, steps_offset, **sigma_options):
@@ -369,6 +401,8 @@ def dpm2(
     use_beta_sigmas: bool = False,
     start_step: int = 0,
     init_latents=None,
+    end_step: int | None = None,
+    add_noise: bool = True,
 ):
     """DPM-Solver-2 in sigma (Lu et al. 2022, Algorithm 1 with r = 1/2; k-diffusion
     `sample_dpm_2`), as diffusers' KDPM2DiscreteScheduler: an Euler step to the log-midpoint
@@ -396,8 +430,9 @@ def dpm2(
         w=np.zeros(2 * n - 1),
         up=np.zeros(2 * n - 1),
     )
-    x = _start(noise, sigmas, num_steps, timestep_spacing, start_step, init_latents)
-    return _two_stage(model_fn, x, calls, prediction_type, start_step=start_step)
+    check_handoff(2 * num_steps - 1, 2 * start_step, end_step, add_noise, init_latents)
+    x = _start(noise, sigmas, num_steps, timestep_spacing, start_step, init_latents, add_noise)
+    return _two_stage(model_fn, x, calls, prediction_type, start_step=start_step, end_step=end_step)
 
 
 @register("dpm2_ancestral")
@@ -416,6 +451,8 @@ def dpm2_ancestral(
     use_beta_sigmas: bool = False,
     start_step: int = 0,
     init_latents=None,
+    end_step: int | None = None,
+    add_noise: bool = True,
 ):
     """Ancestral DPM-Solver-2 (k-diffusion `sample_dpm_2_ancestral`), as diffusers'
     KDPM2AncestralDiscreteScheduler: a DPM2 step to sigma_down through the log-midpoint of sigma_i
@@ -447,8 +484,11 @@ def dpm2_ancestral(
         w=np.zeros(2 * n - 1),
         up=_interleave(np.zeros(n), up[: n - 1]),
     )
-    x = _start(noise, sigmas, num_steps, timestep_spacing, start_step, init_latents)
-    return _two_stage(model_fn, x, calls, prediction_type, rng=rng, start_step=start_step)
+    check_handoff(2 * num_steps - 1, 2 * start_step, end_step, add_noise, init_latents)
+    x = _start(noise, sigmas, num_steps, timestep_spacing, start_step, init_latents, add_noise)
+    return _two_stage(
+        model_fn, x, calls, prediction_type, rng=rng, start_step=start_step, end_step=end_step
+    )
 
 
 @register("dpmpp_sde")

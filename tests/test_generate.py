@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 
 from ldm_jax import cli
-from ldm_jax.sd_pipeline import StableDiffusion, generate
+from ldm_jax.model import load_pretrained
+from ldm_jax.pipeline import generate
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
@@ -40,7 +41,7 @@ def sd_folder(tmp_path_factory, clip_tokenizer_dir):
 
 @pytest.fixture(scope="module")
 def sd(sd_folder):
-    return StableDiffusion.from_pretrained(sd_folder[0])
+    return load_pretrained(sd_folder[0])
 
 
 def _latents(n, channels=4, seed=0):
@@ -131,15 +132,16 @@ def test_guidance_rescale_and_clip_skip_match_diffusers(sd_folder, sd):
 def test_seeds_are_per_image_and_compiled_once(sd):
     # The settings of test_text_to_image_matches_diffusers: the compiled function is reused.
     kwargs = dict(num_inference_steps=STEPS, guidance_scale=7.5, height=SIZE, width=SIZE)
-    before = set(sd._compiled)
+    compiled = sd.cache.setdefault("compiled", {})
+    before = set(compiled)
     a = generate(sd, PROMPTS, seed=[7, 8], **kwargs)
     b = generate(sd, ["a blue square"] + PROMPTS, seed=[1, 7, 8], **kwargs)
     np.testing.assert_array_equal(a, b[1:])  # an image depends on its prompt and seed only
     c = generate(sd, PROMPTS[0], seed=7, num_images_per_prompt=2, **kwargs)
     np.testing.assert_array_equal(c[0], a[0])  # seed=int: image i uses seed + i
     assert not np.array_equal(c[0], c[1])
-    assert len(set(sd._compiled) - before) <= 1  # one function for all these calls
-    assert all(f._cache_size() == 1 for f in sd._compiled.values())  # each compiled once
+    assert len(set(compiled) - before) <= 1  # one function for all these calls
+    assert all(f._cache_size() == 1 for f in compiled.values())  # each compiled once
 
 
 def test_bad_arguments_are_named(sd):
@@ -165,7 +167,7 @@ def test_inpainting_matches_diffusers(tmp_path, clip_tokenizer_dir):
         deterministic_vae=True,
     )
     pipe.save_pretrained(tmp_path, safe_serialization=True)
-    sd = StableDiffusion.from_pretrained(tmp_path)
+    sd = load_pretrained(tmp_path)
     rng = np.random.default_rng(0)
     image = rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)
     mask = np.zeros((SIZE, SIZE), np.uint8)
@@ -206,7 +208,7 @@ def test_img2img_matches_diffusers(tmp_path, clip_tokenizer_dir, sampler, schedu
     pipe.save_pretrained(tmp_path, safe_serialization=True)
     # As a user would: the saved folder's scheduler config, read by the other class.
     pipe.scheduler = getattr(diffusers, scheduler).from_pretrained(tmp_path, subfolder="scheduler")
-    sd = StableDiffusion.from_pretrained(tmp_path)
+    sd = load_pretrained(tmp_path)
     image = np.random.default_rng(1).integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)
     from PIL import Image
 
@@ -252,7 +254,7 @@ def test_sampler_for_a_checkpoint_reads_its_config_as_diffusers(tmp_path, sample
     from test_samplers_k import SD15 as SD15_SCHEDULER  # the released file, verbatim
 
     from ldm_jax.diffusion import samplers
-    from ldm_jax.sd_pipeline import resolve_sampler
+    from ldm_jax.diffusion.samplers.options import resolve_sampler
 
     (tmp_path / "scheduler_config.json").write_text(json.dumps(SD15_SCHEDULER))
     loaded = diffusers.PNDMScheduler.from_pretrained(tmp_path)
@@ -277,32 +279,20 @@ def test_sampler_for_a_checkpoint_reads_its_config_as_diffusers(tmp_path, sample
     assert calls[0] == pytest.approx(float(ref.timesteps[0]), abs=1e-3)
 
 
-def test_sdxl_refiner_conditioning_matches_diffusers(tmp_path, clip_tokenizer_dir):
+@pytest.fixture(scope="module")
+def sdxl_refiner(tmp_path_factory, clip_tokenizer_dir):
+    pipe = tiny.sdxl_refiner_pipeline(clip_tokenizer_dir)
+    path = tmp_path_factory.mktemp("tiny_sdxl_refiner")
+    pipe.save_pretrained(path, safe_serialization=True)
+    return pipe, load_pretrained(path)
+
+
+def test_sdxl_refiner_conditioning_matches_diffusers(sdxl_refiner):
     """The refiner (text_encoder_2 only, aesthetic-score time ids) through diffusers'
     StableDiffusionXLImg2ImgPipeline, which starts from given `latents` as they are (the init
     image is then unused): the same start as our text-to-image with those latents."""
-    tokenizer = transformers.CLIPTokenizer.from_pretrained(clip_tokenizer_dir)
-    unet = tiny.unet(
-        cross_attention_dim=32,
-        use_linear_projection=True,
-        addition_embed_type="text_time",
-        addition_time_embed_dim=8,
-        projection_class_embeddings_input_dim=32 + 5 * 8,
-    )
-    pipe = diffusers.StableDiffusionXLImg2ImgPipeline(
-        vae=tiny.vae(),
-        text_encoder=None,
-        text_encoder_2=tiny.text_encoder(projection=True, act="gelu"),
-        tokenizer=None,
-        tokenizer_2=tokenizer,
-        unet=unet,
-        scheduler=tiny.scheduler(),
-        requires_aesthetics_score=True,
-        force_zeros_for_empty_prompt=False,
-    )
-    pipe.save_pretrained(tmp_path, safe_serialization=True)
-    sd = StableDiffusion.from_pretrained(tmp_path)
-    assert sd.model.kind == "sdxl-refiner" and not sd.force_zeros_for_empty_prompt
+    pipe, sd = sdxl_refiner
+    assert sd.kind == "sdxl-refiner" and not sd.force_zeros_for_empty_prompt
     nchw, nhwc = _latents(1, seed=6)
     kwargs = dict(
         num_inference_steps=STEPS,
@@ -329,7 +319,7 @@ def sdxl(tmp_path_factory, clip_tokenizer_dir):
     pipe = tiny.sdxl_pipeline(clip_tokenizer_dir)
     path = tmp_path_factory.mktemp("tiny_sdxl")
     pipe.save_pretrained(path, safe_serialization=True)
-    return pipe, StableDiffusion.from_pretrained(path)
+    return pipe, load_pretrained(path)
 
 
 @pytest.mark.parametrize(
@@ -356,6 +346,86 @@ def test_sdxl_text_to_image_matches_diffusers(sdxl, negative, second):
         theirs = pipe(PROMPTS[0], latents=nchw, output_type="np", **kwargs).images
     ours = generate(sd, PROMPTS[0], latents=nhwc, **kwargs)
     _assert_within_one_level(ours, _diffusers_uint8(theirs))
+
+
+@pytest.mark.parametrize("split", [0.3, 0.7])
+@pytest.mark.parametrize(
+    "sampler, scheduler", [("euler", "EulerDiscreteScheduler"), ("heun", "HeunDiscreteScheduler")]
+)
+def test_sdxl_base_refiner_handoff_matches_diffusers(sdxl, sdxl_refiner, sampler, scheduler, split):
+    """Issue 13, item 3: the base stops at `denoising_end` and returns latents; the refiner
+    continues from them at `denoising_start` without re-noising, as diffusers'
+    StableDiffusionXLPipeline and StableDiffusionXLImg2ImgPipeline split the timesteps (Heun's
+    split may fall between its two stages; diffusers then restarts the refiner one step early)."""
+    base_pipe, base = sdxl
+    refiner_pipe, refiner = sdxl_refiner
+    nchw, nhwc = _latents(1, seed=8)
+    kwargs = dict(num_inference_steps=STEPS, guidance_scale=5.0, height=SIZE, width=SIZE)
+    ddim = base_pipe.scheduler, refiner_pipe.scheduler  # the module fixtures' schedulers
+    try:
+        for pipe in (base_pipe, refiner_pipe):
+            # as `from_pretrained(<folder>, subfolder="scheduler")` reads the file we load
+            pipe.scheduler = getattr(diffusers, scheduler).from_config(base.scheduler_config)
+        with torch.no_grad():
+            handed = base_pipe(
+                PROMPTS[0], latents=nchw, denoising_end=split, output_type="latent", **kwargs
+            ).images
+            theirs = refiner_pipe(
+                PROMPTS[0], image=handed, denoising_start=split, output_type="np", **kwargs
+            ).images
+    finally:
+        base_pipe.scheduler, refiner_pipe.scheduler = ddim
+    ours_handed = generate(
+        base, PROMPTS[0], latents=nhwc, denoising_end=split, output_type="latent",
+        sampler=sampler, **kwargs,
+    )  # fmt: skip
+    # The base's latents agree to float32 round-off of a few network evaluations.
+    np.testing.assert_allclose(
+        ours_handed, handed.numpy().transpose(0, 2, 3, 1), rtol=1e-4, atol=1e-4
+    )
+    ours = generate(
+        refiner, PROMPTS[0], image=ours_handed, denoising_start=split, sampler=sampler, **kwargs
+    )
+    _assert_within_one_level(ours, _diffusers_uint8(theirs))
+
+
+def test_sample_cli_with_a_refiner(sdxl, sdxl_refiner, tmp_path, capsys):
+    """`ldm-jax sample --pretrained BASE --refiner REFINER --denoising-end S`: the images of
+    the two library calls (whose values the parity test above checks) and a manifest naming
+    the refiner and the split."""
+    from PIL import Image
+
+    (_, base), (_, refiner) = sdxl, sdxl_refiner
+    out = tmp_path / "out"
+    args = ["sample", "--pretrained", base.source, "--prompt", PROMPTS[0], "--steps", str(STEPS)]
+    args += ["--height", str(SIZE), "--width", str(SIZE), "--sampler", "euler", "--seed", "3"]
+    assert (
+        cli.main([*args, "--refiner", refiner.source, "--denoising-end", "0.7", "--out", str(out)])
+        == 0
+    )
+    kwargs = dict(num_inference_steps=STEPS, height=SIZE, width=SIZE, sampler="euler", seed=3)
+    latents = generate(base, PROMPTS[0], denoising_end=0.7, output_type="latent", **kwargs)
+    images = generate(refiner, PROMPTS[0], image=latents, denoising_start=0.7, **kwargs)
+    np.testing.assert_array_equal(np.asarray(Image.open(out / "00000.png")), images[0])
+    record = json.loads((out / "manifest.json").read_text())[0]
+    assert record["refiner"] == refiner.source and record["denoising_end"] == 0.7
+    assert cli.main([*args, "--denoising-end", "0.7", "--out", str(tmp_path / "x")]) == 2
+    assert "--refiner and --denoising-end go together" in capsys.readouterr().err
+
+
+def test_handoff_refuses_what_it_cannot_do(sdxl, sdxl_refiner):
+    _, base = sdxl
+    kwargs = dict(num_inference_steps=STEPS, height=SIZE, width=SIZE)
+    with pytest.raises(ValueError, match="sampler 'dpmpp_2m' has none yet"):
+        generate(base, "x", denoising_end=0.5, sampler="dpmpp_2m", **kwargs)
+    with pytest.raises(ValueError, match=r"denoising_end must be in \(0, 1\)"):
+        generate(base, "x", denoising_end=1.0, sampler="euler", **kwargs)
+    with pytest.raises(ValueError, match="denoising_start needs image"):
+        generate(base, "x", denoising_start=0.5, sampler="euler", **kwargs)
+    with pytest.raises(ValueError, match="leaves no steps"):
+        generate(base, "x", denoising_end=0.01, sampler="euler", **kwargs)
+    with pytest.raises(ValueError, match="output_type"):
+        generate(base, "x", output_type="pil", **kwargs)
 
 
 def test_sample_cli_pretrained_writes_outputs(sd_folder, tmp_path, capsys):
@@ -446,7 +516,7 @@ def test_sample_cli_single_file_needs_and_uses_tokenizer(
     args = ["sample", "--pretrained", str(path), "--prompt", PROMPTS[0], "--num-images", "1"]
     args += ["--steps", "3", "--height", str(SIZE), "--width", str(SIZE), "--sampler", "ddim"]
     assert cli.main(args + ["--out", str(tmp_path / "no_tok")]) == 2
-    assert "give the tokenizer folder" in capsys.readouterr().err
+    assert "--tokenizer" in capsys.readouterr().err
     out = tmp_path / "out"
     assert cli.main(args + ["--tokenizer", str(clip_tokenizer_dir), "--out", str(out)]) == 0
     from PIL import Image

@@ -1,4 +1,8 @@
-"""orbax checkpoints in `<workdir>/checkpoints`, with a check that they fit the config.
+"""A run's files: its `config.json`, orbax checkpoints in `<workdir>/checkpoints`, and the
+folders that samples and evaluations are written to. Shared by the trainers, the evaluations, the
+pipeline and the data layer (which reads a run's VAE), so it imports none of them.
+
+  config, state, step = open_run("runs/shapes/ldm", stages=("ldm", "distill"))
 
 Each checkpoint holds the train state and a JSON `meta` item with the model signature (the config
 fields that determine parameter shapes) and the data position (what fixes the batches from the
@@ -14,12 +18,17 @@ leaves only such a directory: `latest_step` never returns it, and the manager de
 from __future__ import annotations
 
 import hashlib
+import json
+import logging
 import pathlib
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+
+log = logging.getLogger("ldm_jax")
 
 # orbax's default jax.Array handler writes a replicated array "replica-parallel": every replica
 # writes a slice of it, cut out op by op on the devices. That spreads the writes of large
@@ -38,6 +47,43 @@ ocp.type_handlers.register_type_handler(
 
 class CheckpointMismatchError(ValueError):
     pass
+
+
+class NoCheckpointError(FileNotFoundError):
+    pass
+
+
+def read_run_config(workdir, stages: Sequence[str] | None = None, what: str = "a training run"):
+    """The config of the run in `workdir`; FileNotFoundError without one, ValueError when its
+    stage is not one of `stages`. `what` names the run in the errors ("the teacher", ...)."""
+    from ldm_jax.config import read_config  # ml_collections: not on every accelerator image
+
+    workdir = pathlib.Path(workdir)
+    if not (workdir / "config.json").is_file():
+        raise NoCheckpointError(
+            f"no checkpoint in {workdir} for {what}: no training run there (config.json "
+            f"missing); train one first, e.g. `ldm-jax train --config configs/shapes.py "
+            f"--workdir {workdir}`"
+        )
+    config = read_config(workdir / "config.json")
+    if stages is not None and config.stage not in stages:
+        raise ValueError(
+            f"{workdir} holds a {config.stage!r} run; {what} needs {' or '.join(map(repr, stages))}"
+        )
+    return config
+
+
+def open_run(
+    workdir, stages: Sequence[str] | None = None, step: int | None = None, what="a training run"
+):
+    """(config, raw state dict, step) of the latest (or given) checkpoint of a run; the state's
+    leaves are host arrays (`Checkpointer.restore_raw`)."""
+    config = read_run_config(workdir, stages, what)
+    checkpointer = Checkpointer(pathlib.Path(workdir), read_only=True)
+    step = checkpointer.latest_step() if step is None else step
+    if step is None:
+        raise NoCheckpointError(f"no checkpoint in {pathlib.Path(workdir) / 'checkpoints'}")
+    return config, checkpointer.restore_raw(step), step
 
 
 class Checkpointer:
@@ -231,3 +277,60 @@ def abstract_like(state, shardings):
     return jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings
     )
+
+
+# --- Output folders -------------------------------------------------------------------------------
+
+
+def check_output_dir(path: str | pathlib.Path, flag: str = "--out") -> None:
+    """FileExistsError naming `flag` when `path` is a file: `output_dir` would refuse it; checked
+    before slow work (loading a checkpoint) that precedes the folder's creation."""
+    path = pathlib.Path(path)
+    if path.exists() and not path.is_dir():
+        raise FileExistsError(f"{flag} {path} is a file, not a folder; choose a folder")
+
+
+def output_dir(path: str | pathlib.Path, flag: str = "--out") -> pathlib.Path:
+    """The folder to write outputs into, made before any work so that a bad path fails first.
+
+    `path` when it is new or empty; when it already holds files (an earlier sample or
+    evaluation), its first free numbered subfolder `path/001`, `path/002`, ..., so nothing
+    written before is overwritten. A path that is a file is a FileExistsError naming `flag`.
+    """
+    check_output_dir(path, flag)
+    path = pathlib.Path(path)
+    if path.is_dir() and any(path.iterdir()):
+        index = 1
+        while (path / f"{index:03d}").exists():
+            index += 1
+        log.warning("%s %s already holds files; writing to %s", flag, path, path / f"{index:03d}")
+        path = path / f"{index:03d}"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"{flag} {path}: cannot make this folder ({e})") from e
+    return path
+
+
+def save_outputs(
+    images: np.ndarray,
+    records: list[dict],
+    out_dir: str | pathlib.Path,
+    grid_columns: int | None = None,
+) -> pathlib.Path:
+    """One PNG per image, `grid.png` and `manifest.json` (one record per image) in out_dir."""
+    from ldm_jax.images import make_grid, save_png
+
+    out_dir = pathlib.Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    manifest = []
+    for i, (image, record) in enumerate(zip(images, records)):
+        name = f"{i:05d}.png"
+        save_png(image, out_dir / name)
+        manifest.append({"file": name, **record})
+    save_png(
+        make_grid(images, grid_columns), out_dir / "grid.png", scale=max(1, 256 // images.shape[1])
+    )
+    # allow_nan=False: a NaN would make the file invalid JSON (generate refuses them anyway).
+    (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2, allow_nan=False) + "\n")
+    return out_dir

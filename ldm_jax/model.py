@@ -1,0 +1,307 @@
+"""One model bundle for everything downstream: a run trained here and a pretrained checkpoint
+load into the same `Model`, which `ldm_jax.pipeline.generate`, the trainers and the evaluations
+take.
+
+  model = load_run("runs/shapes/ldm")                    # the EMA weights of a run trained here
+  model = load_pretrained("models/stable-diffusion-v1-5")  # diffusers folder, single file, orbax
+
+A `Model` holds the modules and their float32 Flax variables, the tokenizers, the noise schedule
+as a diffusers `scheduler_config` dict (a run's `config.diffusion` uses the same field names), the
+prediction type, the sampling defaults (a run's own `config.sample`; a checkpoint's scheduler) and
+what conditioning the U-Net takes (one text encoder, or SDXL's two with pooled embeddings and
+micro-conditioning; a 9-channel inpainting U-Net).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import pathlib
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from ldm_jax.diffusion.schedules import (
+    SD_SCHEDULER_DEFAULTS,
+    NoiseSchedule,
+    sampler_from_scheduler_config,
+)
+from ldm_jax.models.clip import CLIPTextTransformer
+from ldm_jax.models.unet import UNet2DConditionModel
+from ldm_jax.models.vae import AutoencoderKL
+
+log = logging.getLogger("ldm_jax")
+
+TEXT_ENCODER_SLOTS = ("text_encoder", "text_encoder_2")
+# The kind of a run trained here: one text encoder read at its last hidden state (as SD 1.x).
+RUN_KIND = "run"
+
+# diffusers' pipeline defaults, for checkpoints (a run has its own in config.sample).
+PRETRAINED_SAMPLING = {"num_inference_steps": 50, "guidance_scale": 7.5}
+
+
+@dataclasses.dataclass
+class Model:
+    """Modules, their float32 variables and how to sample them.
+
+    kind: "sd1", "sd2", "sdxl" or "sdxl-refiner" for checkpoints, with "-inpaint" for 9-channel
+      U-Nets; "run" for a model trained here (one text encoder, as SD 1.x).
+    unet_params, vae_params, text_encoder_params[i]: Flax variables `{"params": ...}`.
+    scaling_factor: latents seen by the U-Net are `vae.encode(x).sample() * scaling_factor` (a
+      run's latent scale, 1 / std of its training latents: LDM Sec. 4.3.2).
+    text_encoders / tokenizers: in slot order (`text_encoder`, `text_encoder_2`), only those the
+      model has: SD1/2 one, SDXL two, the SDXL refiner one (its `text_encoder_2`, with
+      projection). tokenizers is () for a single file loaded without tokenizer folders.
+    scheduler_config: a diffusers `scheduler_config.json` dict ({} if the source has none).
+    sampling: defaults for `generate` (sampler, sampler_options, num_inference_steps,
+      guidance_scale); `sampler` None means the scheduler_config's own class.
+    configs: the raw component configs of a checkpoint ("unet", "vae", "text_encoder", ...,
+      "model_index"), kept for export; `config`: a run's training config (None otherwise).
+    sharding_rules: the logical-axis rules a run was trained with (its parameters keep that
+      layout when sampled); None: replicated.
+    """
+
+    kind: str
+    unet: UNet2DConditionModel
+    unet_params: Any
+    vae: AutoencoderKL
+    vae_params: Any
+    scaling_factor: float
+    text_encoders: tuple[CLIPTextTransformer, ...] = ()
+    text_encoder_params: tuple[Any, ...] = ()
+    tokenizers: tuple[Any, ...] = ()
+    scheduler_config: dict = dataclasses.field(default_factory=dict)
+    sampling: dict = dataclasses.field(default_factory=dict)
+    configs: dict = dataclasses.field(default_factory=dict)
+    config: Any = None
+    sharding_rules: Any = None
+    source: str = ""
+    mesh: Any = dataclasses.field(default=None, repr=False)
+    # generate()'s compiled functions and progress-bar state, shared by copies made with
+    # `dataclasses.replace` (new parameters do not recompile).
+    cache: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
+
+    # --- What the model is ---
+
+    @property
+    def text_encoder_slots(self) -> tuple[str, ...]:
+        """The diffusers folder names of `text_encoders`, e.g. ("text_encoder_2",) for a refiner."""
+        return text_encoder_slots(self.kind)
+
+    @property
+    def is_sdxl(self) -> bool:
+        return self.kind.startswith("sdxl")
+
+    @property
+    def requires_aesthetics_score(self) -> bool:
+        """SDXL refiner: micro-conditioning on an aesthetic score instead of the target size."""
+        return "refiner" in self.kind
+
+    @property
+    def is_inpainting(self) -> bool:
+        """A U-Net that also reads the mask and the masked image's latents (9 channels for SD)."""
+        return self.unet.in_channels != self.vae.latent_channels
+
+    @property
+    def vae_scale_factor(self) -> int:
+        """Pixels per latent along each axis (8 for SD)."""
+        return self.vae.downsampling_factor
+
+    @property
+    def prediction_type(self) -> str:
+        return self.scheduler_config.get("prediction_type") or "epsilon"
+
+    @property
+    def schedule(self) -> NoiseSchedule:
+        """The training noise schedule, as diffusers' training scripts read it:
+        `DDPMScheduler.from_config(scheduler_config)` (the betas and rescale_betas_zero_snr of
+        whatever class the config names; fields it lacks take DDPMScheduler's defaults)."""
+        return training_schedule(self.scheduler_config)
+
+    @property
+    def default_size(self) -> int:
+        """Image side when none is given: a run's training size; a checkpoint's
+        unet.config.sample_size * vae_scale_factor (diffusers), or the releases' sizes."""
+        if self.config is not None:
+            return int(self.config.data.image_size)
+        size = self.configs.get("unet", {}).get("sample_size")
+        if size:
+            return int(size) * self.vae_scale_factor
+        if self.is_sdxl:
+            return 1024
+        v = self.prediction_type == "v_prediction"
+        return 768 if self.kind.startswith("sd2") and v else 512
+
+    @property
+    def force_zeros_for_empty_prompt(self) -> bool:
+        """SDXL's pipeline flag (model_index.json): without a negative prompt the unconditional
+        embeddings are zeros instead of the encoded empty prompt. diffusers' default: True for
+        SDXL base pipelines, False for the refiner (img2img) and for SD 1/2."""
+        flag = self.configs.get("model_index", {}).get("force_zeros_for_empty_prompt")
+        if flag is None:
+            return self.is_sdxl and not self.requires_aesthetics_score
+        return bool(flag)
+
+    def get_tokenizers(self) -> tuple[Any, ...]:
+        """`tokenizers`, or an error explaining how to supply them (single-file checkpoints)."""
+        if len(self.tokenizers) != len(self.text_encoders):
+            raise ValueError(
+                f"{self.source or 'this checkpoint'} has {len(self.text_encoders)} text "
+                f"encoder(s) but {len(self.tokenizers)} tokenizer(s) (single-file checkpoints "
+                "carry none): pass tokenizer_dir= (and tokenizer_2_dir= for SDXL) to "
+                "load_pretrained (`--tokenizer` / `--tokenizer-2` on the command line), e.g. the "
+                "`tokenizer/` folder of the diffusers release of the same model"
+            )
+        return self.tokenizers
+
+    # --- A run's parameter trees (the train state's layout) ---
+
+    def run_params(self) -> dict:
+        """{"unet": ..., "text_encoder": ...}: the trainable trees of a run trained here."""
+        return {"unet": self.unet_params, "text_encoder": self.text_encoder_params[0]}
+
+    def run_frozen(self) -> dict:
+        """{"vae": ..., "latent_scale": f32[]}: the frozen part of a run's train state."""
+        return {"vae": self.vae_params, "latent_scale": np.float32(self.scaling_factor)}
+
+    def with_run_params(self, params: dict, frozen: dict | None = None) -> Model:
+        """This model with a run's parameter trees (e.g. a train state's EMA weights)."""
+        changes = dict(unet_params=params["unet"], text_encoder_params=(params["text_encoder"],))
+        if frozen is not None:
+            changes.update(vae_params=frozen["vae"], scaling_factor=float(frozen["latent_scale"]))
+        return dataclasses.replace(self, **changes)
+
+
+def training_schedule(scheduler_config: dict) -> NoiseSchedule:
+    """`DDPMScheduler.from_config(scheduler_config)`'s betas; SD's without a config."""
+    config = dict(scheduler_config or SD_SCHEDULER_DEFAULTS, _class_name="DDPMScheduler")
+    return sampler_from_scheduler_config(config)[2]
+
+
+def text_encoder_slots(kind: str) -> tuple[str, ...]:
+    base = kind.removesuffix("-inpaint")
+    if base == "sdxl-refiner":
+        return ("text_encoder_2",)
+    return TEXT_ENCODER_SLOTS if base == "sdxl" else ("text_encoder",)
+
+
+def token_ids(tokenizer, texts: Sequence[str]) -> np.ndarray:
+    """int32[N, context]: a run's tokenizer (`ldm_jax.data.tokenizers`: texts -> ids) or a
+    transformers CLIPTokenizer, padded to its context length and truncated with a warning, as
+    diffusers' `encode_prompt` (each tokenizer's own pad token: "<|endoftext|>", or "!" for
+    OpenCLIP)."""
+    if not hasattr(tokenizer, "model_max_length"):
+        return np.asarray(tokenizer(list(texts)), np.int32)
+    limit = tokenizer.model_max_length
+    for text, full in zip(texts, tokenizer(list(texts)).input_ids):
+        if len(full) > limit:
+            log.warning("prompt truncated to %d tokens: %r", limit, text)
+    ids = tokenizer(
+        list(texts), padding="max_length", max_length=limit, truncation=True, return_tensors="np"
+    ).input_ids
+    return np.asarray(ids, np.int32)
+
+
+# --- Runs trained here ---------------------------------------------------------------------------
+
+# The stages whose checkpoints are text-to-image models.
+RUN_STAGES = ("ldm", "distill")
+
+
+def run_scheduler_config(config) -> dict:
+    """A run's `config.diffusion` as a diffusers scheduler config: the training betas and the
+    prediction type. DDIM without x0 clipping (diffusers' class default clips to [-1, 1], which
+    would cut latents of unit variance); other fields take each sampler's own defaults."""
+    d = config.diffusion
+    return {
+        "_class_name": "DDIMScheduler",
+        "num_train_timesteps": int(d.num_train_timesteps),
+        "beta_schedule": d.beta_schedule,
+        "beta_start": float(d.beta_start),
+        "beta_end": float(d.beta_end),
+        "rescale_betas_zero_snr": bool(d.get("rescale_betas_zero_snr", False)),
+        "prediction_type": d.prediction_type,
+        "clip_sample": False,
+    }
+
+
+def from_config(config, params: dict | None = None, frozen: dict | None = None) -> Model:
+    """The Model of a run trained here with `config` (its modules; parameters when given: the
+    train state's {"unet", "text_encoder"} trees and {"vae", "latent_scale"})."""
+    from ldm_jax import sharding as sharding_lib
+    from ldm_jax.data.tokenizers import tokenizer_from_config
+    from ldm_jax.models import builders
+
+    tokenizer = tokenizer_from_config(config.tokenizer)
+    sample = config.sample
+    model = Model(
+        kind=RUN_KIND,
+        unet=builders.build_unet(config, config.autoencoder.latent_channels),
+        unet_params=None,
+        vae=builders.build_autoencoder(config),
+        vae_params=None,
+        scaling_factor=1.0,
+        text_encoders=(builders.build_text_encoder(config, tokenizer),),
+        text_encoder_params=(None,),
+        tokenizers=(tokenizer,),
+        scheduler_config=run_scheduler_config(config),
+        sampling={
+            "sampler": sample.sampler,
+            "sampler_options": dict(sample.get("sampler_options", None) or {}),
+            "num_inference_steps": int(sample.num_steps),
+            "guidance_scale": float(sample.guidance_scale),
+        },
+        config=config,
+        sharding_rules=sharding_lib.rules_from_config(config),
+        mesh=sharding_lib.inference_mesh(config),
+    )
+    if params is not None:
+        model = model.with_run_params(params, frozen)
+    return model
+
+
+def load_run(workdir: str | pathlib.Path, step: int | None = None) -> Model:
+    """The EMA parameters of the latest (or given) checkpoint of an `ldm` or `distill` run."""
+    from ldm_jax.runs import open_run
+
+    config, state, _ = open_run(workdir, RUN_STAGES, step, what="sampling")
+    return from_config(config, state["ema_params"], state["frozen"])
+
+
+# --- Pretrained checkpoints ----------------------------------------------------------------------
+
+
+def load_pretrained(
+    path: str | pathlib.Path,
+    *,
+    variant: str | None = None,
+    tokenizer_dir: str | pathlib.Path | None = None,
+    tokenizer_2_dir: str | pathlib.Path | None = None,
+    mesh=None,
+    **overrides,
+) -> Model:
+    """A diffusers folder, single-file checkpoint or orbax export (`ldm_jax.convert.diffusers.
+    load_pretrained` reads them); overrides: module fields for every module, e.g.
+    dtype=jnp.bfloat16 (compute dtype)."""
+    from ldm_jax.convert.diffusers import load_pretrained as load
+
+    model = load(
+        path,
+        variant=variant,
+        tokenizer_dir=tokenizer_dir,
+        tokenizer_2_dir=tokenizer_2_dir,
+        **overrides,
+    )
+    return with_mesh(model, mesh)
+
+
+def with_mesh(model: Model, mesh=None) -> Model:
+    """`model` on `mesh` (default: data parallel over every device)."""
+    from ldm_jax import sharding as sharding_lib
+
+    if mesh is None:
+        mesh = model.mesh if model.mesh is not None else sharding_lib.make_mesh({"data": -1})
+    if mesh is model.mesh:
+        return model
+    return dataclasses.replace(model, mesh=mesh, cache={})  # compiled for another mesh
