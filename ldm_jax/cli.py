@@ -133,6 +133,17 @@ def _sample(args, overrides):
         width=int(images.shape[2]),
         **source,
     )
+    records = _sample_records(args, settings, sampler_options, strength)
+    runs.save_outputs(images, records, out, grid_columns=args.num_images)
+    print(
+        f"wrote {len(images)} images, grid.png and manifest.json to {out} "
+        f"({len(images) / seconds:.2f} images/s including compilation)"
+    )
+
+
+def _sample_records(args, settings: dict, sampler_options: dict, strength: float) -> list:
+    """One manifest record per image (prompt-major, image i from seed K + i): one schema for
+    runs trained here ("workdir") and checkpoints ("pretrained", "refiner")."""
     if sampler_options:
         settings["sampler_options"] = sampler_options
     if args.clip_skip is not None:
@@ -143,7 +154,7 @@ def _sample(args, overrides):
         settings["mask"] = str(args.mask)
     negatives = args.negative_prompt or [""]
     negatives = negatives * len(args.prompt) if len(negatives) == 1 else negatives
-    records = [
+    return [
         {
             "prompt": prompt,
             "negative_prompt": negative,
@@ -153,11 +164,6 @@ def _sample(args, overrides):
         for i, (prompt, negative) in enumerate(zip(args.prompt, negatives))
         for j in range(args.num_images)
     ]
-    runs.save_outputs(images, records, out, grid_columns=args.num_images)
-    print(
-        f"wrote {len(images)} images, grid.png and manifest.json to {out} "
-        f"({len(images) / seconds:.2f} images/s including compilation)"
-    )
 
 
 def _load_pretrained(args, path):

@@ -268,18 +268,10 @@ def generate(
     sampler, sampler_options = _sampler_choice(model, sampler, sampler_options, steps)
     prompts = _as_list(prompt, "prompt")
     texts = _texts(model, prompts, negative_prompt, prompt_2, negative_prompt_2)
-    if steps < 1 or num_images_per_prompt < 1:
-        raise ValueError(
-            "num_inference_steps and num_images_per_prompt must be >= 1, got "
-            f"{steps}, {num_images_per_prompt}"
-        )
-    n = len(prompts) * num_images_per_prompt
+    per = num_images_per_prompt
+    n = len(prompts) * per
     guidance = np.broadcast_to(np.asarray(guidance_scale, np.float32), (n,)).copy()
-    for name, value in (("guidance_scale", guidance), ("guidance_rescale", guidance_rescale)):
-        if not np.all(np.isfinite(value)):
-            raise ValueError(f"{name} must be finite, got {value}")
-    if clip_skip is not None and clip_skip < 0:
-        raise ValueError(f"clip_skip must be >= 0, got {clip_skip}")
+    _check_numbers(steps, per, guidance, guidance_rescale, clip_skip)
     height = height or model.default_size
     width = width or model.default_size
     f = model.vae_scale_factor * 2 ** (len(model.unet.block_out_channels) - 1)
@@ -295,7 +287,6 @@ def generate(
     start_step = options_lib.img2img_start_step(steps, strength)
 
     # Per-image host arrays (N = prompts x images per prompt, prompt-major).
-    per = num_images_per_prompt
     rep = lambda a: np.repeat(np.asarray(a), per, axis=0)
     seeds = [int(seed) + i for i in range(n)] if isinstance(seed, int | np.integer) else list(seed)
     if len(seeds) != n:
@@ -303,14 +294,6 @@ def generate(
     seeds = rng_lib.seed_array(seeds)
     latent_shape = (height // model.vae_scale_factor, width // model.vae_scale_factor)
     latent_shape += (model.vae.latent_channels,)
-    if latents is None:
-        noise = initial_noise(seeds, latent_shape)
-    else:
-        noise = np.asarray(latents, np.float32)
-        if noise.shape != (n, *latent_shape):
-            raise ValueError(
-                f"latents must be [N, h, w, c] = {(n, *latent_shape)}, got {noise.shape}"
-            )
     zero_uncond = negative_prompt is None and model.force_zeros_for_empty_prompt
     batch = {
         "ids": tuple(rep(token_ids(t, p)) for t, (p, _) in zip(tokenizers, texts)),
@@ -320,7 +303,7 @@ def generate(
         # which is guidance 1 here.
         "guidance": np.maximum(guidance, 1.0),
         "rescale": np.full(n, guidance_rescale, np.float32),
-        "noise": noise,
+        "noise": _noise(latents, seeds, latent_shape),
         "seed": seeds,
     }
     if model.is_sdxl:
@@ -331,16 +314,7 @@ def generate(
                 aesthetic_score, negative_aesthetic_score,
             )
         )  # fmt: skip
-    if _is_latents(image, latent_shape):
-        image = np.asarray(image, np.float32)
-        if len(image) not in (n, len(prompts)):
-            raise ValueError(f"give latents for each image ({n}), got {len(image)}")
-        batch["image_latents"] = image if len(image) == n else rep(image)
-    elif image is not None:
-        batch["image"] = rep(images_per_prompt(image, len(prompts), height, width))
-    if mask_image is not None:
-        mask = images_per_prompt(mask_image, len(prompts), height, width, grayscale=True)
-        batch["mask"] = rep((mask >= 0.5).astype(np.float32))  # VaeImageProcessor do_binarize
+    batch.update(_image_inputs(image, mask_image, len(prompts), per, (height, width), latent_shape))
 
     sampler, options, schedule = options_lib.resolve_sampler(
         model.scheduler_config, sampler, sampler_options
@@ -361,6 +335,52 @@ def generate(
         ("output_type", output_type),
     )
     return _run(model, (sampler, steps, static, mode, schedule), batch, n, batch_size, progress)
+
+
+def _check_numbers(steps, per, guidance, guidance_rescale, clip_skip):
+    if steps < 1 or per < 1:
+        raise ValueError(
+            f"num_inference_steps and num_images_per_prompt must be >= 1, got {steps}, {per}"
+        )
+    for name, value in (("guidance_scale", guidance), ("guidance_rescale", guidance_rescale)):
+        if not np.all(np.isfinite(value)):
+            raise ValueError(f"{name} must be finite, got {value}")
+    if clip_skip is not None and clip_skip < 0:
+        raise ValueError(f"clip_skip must be >= 0, got {clip_skip}")
+
+
+def _noise(latents, seeds, latent_shape) -> np.ndarray:
+    """The initial latents: given (f32[N, h, w, c], diffusers' `latents` transposed), or drawn
+    from each image's seed."""
+    if latents is None:
+        return initial_noise(seeds, latent_shape)
+    noise = np.asarray(latents, np.float32)
+    if noise.shape != (len(seeds), *latent_shape):
+        raise ValueError(
+            f"latents must be [N, h, w, c] = {(len(seeds), *latent_shape)}, got {noise.shape}"
+        )
+    return noise
+
+
+def _image_inputs(image, mask_image, num_prompts: int, per: int, size, latent_shape) -> dict:
+    """img2img / inpainting inputs per image: pictures f32[N, H, W, 3] in [0, 1] (one for all
+    prompts or one per prompt) or latents f32[N, h, w, c]; a binarized mask f32[N, H, W, 1]."""
+    rep = lambda a: np.repeat(np.asarray(a), per, axis=0)
+    n = num_prompts * per
+    out = {}
+    if _is_latents(image, latent_shape):
+        if mask_image is not None:
+            raise ValueError("inpainting needs the picture as image, not latents")
+        image = np.asarray(image, np.float32)
+        if len(image) not in (n, num_prompts):
+            raise ValueError(f"give latents for each image ({n}), got {len(image)}")
+        out["image_latents"] = image if len(image) == n else rep(image)
+    elif image is not None:
+        out["image"] = rep(images_per_prompt(image, num_prompts, *size))
+    if mask_image is not None:
+        mask = images_per_prompt(mask_image, num_prompts, *size, grayscale=True)
+        out["mask"] = rep((mask >= 0.5).astype(np.float32))  # VaeImageProcessor do_binarize
+    return out
 
 
 def _sampler_choice(model: Model, sampler, sampler_options, steps: int):
