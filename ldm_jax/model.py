@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import pathlib
-from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -155,6 +154,11 @@ class Model:
             )
         return self.tokenizers
 
+    def frozen_params(self) -> dict:
+        """{"vae": ..., "text_encoders": {slot: ...}}: what fine-tuning keeps fixed."""
+        slots = self.text_encoder_slots
+        return {"vae": self.vae_params, "text_encoders": dict(zip(slots, self.text_encoder_params))}
+
     # --- A run's parameter trees (the train state's layout) ---
 
     def run_params(self) -> dict:
@@ -186,27 +190,11 @@ def text_encoder_slots(kind: str) -> tuple[str, ...]:
     return TEXT_ENCODER_SLOTS if base == "sdxl" else ("text_encoder",)
 
 
-def token_ids(tokenizer, texts: Sequence[str]) -> np.ndarray:
-    """int32[N, context]: a run's tokenizer (`ldm_jax.data.tokenizers`: texts -> ids) or a
-    transformers CLIPTokenizer, padded to its context length and truncated with a warning, as
-    diffusers' `encode_prompt` (each tokenizer's own pad token: "<|endoftext|>", or "!" for
-    OpenCLIP)."""
-    if not hasattr(tokenizer, "model_max_length"):
-        return np.asarray(tokenizer(list(texts)), np.int32)
-    limit = tokenizer.model_max_length
-    for text, full in zip(texts, tokenizer(list(texts)).input_ids):
-        if len(full) > limit:
-            log.warning("prompt truncated to %d tokens: %r", limit, text)
-    ids = tokenizer(
-        list(texts), padding="max_length", max_length=limit, truncation=True, return_tensors="np"
-    ).input_ids
-    return np.asarray(ids, np.int32)
-
-
 # --- Runs trained here ---------------------------------------------------------------------------
 
-# The stages whose checkpoints are text-to-image models.
-RUN_STAGES = ("ldm", "distill")
+# The stages whose checkpoints are text-to-image models: trained here from scratch, distilled,
+# or fine-tuned (from a checkpoint or from a run trained here; `load_run` reads the base).
+RUN_STAGES = ("ldm", "distill", "finetune")
 
 
 def run_scheduler_config(config) -> dict:
@@ -226,6 +214,36 @@ def run_scheduler_config(config) -> dict:
     }
 
 
+def run_sampling(config) -> dict:
+    """A run's sampling defaults (`Model.sampling`) from its config.sample."""
+    sample = config.sample
+    return {
+        "sampler": sample.sampler,
+        "sampler_options": dict(sample.get("sampler_options", None) or {}),
+        "num_inference_steps": int(sample.num_steps),
+        "guidance_scale": float(sample.guidance_scale),
+    }
+
+
+def distilled_from_checkpoint(config) -> str | None:
+    """The pretrained checkpoint at the root of a distillation run's chain of teachers (a
+    student of a student of ... a checkpoint), or None when the chain starts at a run trained
+    here, whose config describes the modules."""
+    from ldm_jax.runs import read_run_config
+
+    while config.stage == "distill":
+        teacher = pathlib.Path(config.distill.teacher_workdir)
+        if not is_run(teacher):
+            return str(teacher) if teacher.exists() else None
+        config = read_run_config(teacher)
+    return None
+
+
+def student_of(teacher: Model, config) -> Model:
+    """A distillation student: the teacher's modules with the student run's sampling defaults."""
+    return dataclasses.replace(teacher, sampling=run_sampling(config), config=config)
+
+
 def from_config(config, params: dict | None = None, frozen: dict | None = None) -> Model:
     """The Model of a run trained here with `config` (its modules; parameters when given: the
     train state's {"unet", "text_encoder"} trees and {"vae", "latent_scale"})."""
@@ -234,7 +252,6 @@ def from_config(config, params: dict | None = None, frozen: dict | None = None) 
     from ldm_jax.models import builders
 
     tokenizer = tokenizer_from_config(config.tokenizer)
-    sample = config.sample
     model = Model(
         kind=RUN_KIND,
         unet=builders.build_unet(config, config.autoencoder.latent_channels),
@@ -246,12 +263,7 @@ def from_config(config, params: dict | None = None, frozen: dict | None = None) 
         text_encoder_params=(None,),
         tokenizers=(tokenizer,),
         scheduler_config=run_scheduler_config(config),
-        sampling={
-            "sampler": sample.sampler,
-            "sampler_options": dict(sample.get("sampler_options", None) or {}),
-            "num_inference_steps": int(sample.num_steps),
-            "guidance_scale": float(sample.guidance_scale),
-        },
+        sampling=run_sampling(config),
         config=config,
         sharding_rules=sharding_lib.rules_from_config(config),
         mesh=sharding_lib.inference_mesh(config),
@@ -265,8 +277,53 @@ def load_run(workdir: str | pathlib.Path, step: int | None = None) -> Model:
     """The EMA parameters of the latest (or given) checkpoint of an `ldm` or `distill` run."""
     from ldm_jax.runs import open_run
 
-    config, state, _ = open_run(workdir, RUN_STAGES, step, what="sampling")
-    return from_config(config, state["ema_params"], state["frozen"])
+    config, state, step = open_run(workdir, RUN_STAGES, step, what="sampling")
+    if config.stage == "distill" and (root := distilled_from_checkpoint(config)) is not None:
+        student = student_of(load_pretrained(root), config)
+        student = student.with_run_params(state["ema_params"], state["frozen"])
+        return dataclasses.replace(student, source=str(workdir))
+    if config.stage != "finetune":
+        return from_config(config, state["ema_params"], state["frozen"])
+    # A fine-tuning run holds the U-Net (and its EMA); the rest is its base, which must be the
+    # one it was trained from (checkpoints may leave the frozen weights out).
+    base = load(
+        config.pretrained,
+        variant=config.variant or None,
+        tokenizer_dir=config.tokenizer_dir or None,
+        tokenizer_2_dir=config.tokenizer_2_dir or None,
+    )
+    saved_frozen = state.get("frozen")
+    frozen = saved_frozen or base.frozen_params()
+    if not saved_frozen:
+        from ldm_jax.runs import Checkpointer, params_fingerprint
+
+        meta = Checkpointer(pathlib.Path(workdir), read_only=True).read_meta(step)
+        saved = meta.get("frozen_fingerprint")
+        if saved is not None and saved != params_fingerprint(frozen):
+            raise ValueError(
+                f"{config.pretrained} no longer holds the VAE and text encoder(s) that {workdir} "
+                f"was fine-tuned with (fingerprint {saved})"
+            )
+    slots = base.text_encoder_slots
+    return dataclasses.replace(
+        base,
+        unet_params=state["ema_params"],
+        vae_params=frozen["vae"],
+        text_encoder_params=tuple(frozen["text_encoders"][s] for s in slots),
+        source=str(workdir),
+    )
+
+
+def is_run(path) -> bool:
+    """Whether `path` is a run trained here (a workdir with config.json), not a checkpoint."""
+    path = pathlib.Path(path)
+    return path.is_dir() and (path / "config.json").is_file()
+
+
+def load(path, **kwargs) -> Model:
+    """A run trained here (`load_run`) or a pretrained checkpoint (`load_pretrained`, which
+    takes the keyword arguments)."""
+    return load_run(path) if is_run(path) else load_pretrained(path, **kwargs)
 
 
 # --- Pretrained checkpoints ----------------------------------------------------------------------

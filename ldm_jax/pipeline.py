@@ -31,11 +31,12 @@ import numpy as np
 
 from ldm_jax import rng as rng_lib
 from ldm_jax import sharding as sharding_lib
+from ldm_jax.data.tokenizers import token_ids
 from ldm_jax.diffusion import samplers as sampler_lib
 from ldm_jax.diffusion.guidance import classifier_free_guidance
 from ldm_jax.diffusion.samplers import options as options_lib
 from ldm_jax.images import images_per_prompt
-from ldm_jax.model import PRETRAINED_SAMPLING, Model, token_ids
+from ldm_jax.model import PRETRAINED_SAMPLING, Model
 
 log = logging.getLogger("ldm_jax")
 

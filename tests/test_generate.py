@@ -15,8 +15,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import train_args
 from ldm_jax import cli
-from ldm_jax.model import load_pretrained
+from ldm_jax.model import load_pretrained, load_run
 from ldm_jax.pipeline import generate
 
 torch = pytest.importorskip("torch")
@@ -525,3 +526,36 @@ def test_sample_cli_single_file_needs_and_uses_tokenizer(
     folder_out = tmp_path / "folder"
     assert cli.main(args[:2] + [str(folder)] + args[3:] + ["--out", str(folder_out)]) == 0
     np.testing.assert_array_equal(single, np.asarray(Image.open(folder_out / "00000.png")))
+
+
+@pytest.mark.slow
+def test_distill_a_pretrained_checkpoint(clip_tokenizer_dir, data_dir, tmp_path):
+    """Issue 13: progressive distillation takes a pretrained checkpoint as its teacher (the same
+    `Model` a run trained here loads into): one smoke round on the shapes data; the student is
+    then sampled like a run (`load_run`, `sample --workdir`), with the checkpoint's modules."""
+
+    one_level = dict(
+        block_out_channels=(32,),
+        down_block_types=("CrossAttnDownBlock2D",),
+        up_block_types=("CrossAttnUpBlock2D",),
+    )  # half the compile time of two levels
+    folder = tmp_path / "teacher"
+    tiny.sd_pipeline(clip_tokenizer_dir, **one_level).save_pretrained(folder)
+    workdir = tmp_path / "student"
+    teacher = f"--config.distill.teacher_workdir={folder}"
+    assert cli.main(train_args("distill,smoke", workdir, data_dir, teacher)) == 0
+    student, checkpoint = load_run(workdir), load_pretrained(folder)
+    assert student.kind == checkpoint.kind == "sd1" and student.source == str(workdir)
+    assert student.sampling["num_inference_steps"] == student.config.distill.student_steps
+    same = lambda a, b: all(
+        np.array_equal(np.asarray(x), np.asarray(y))
+        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
+    )
+    assert same(student.vae_params, checkpoint.vae_params)  # the teacher's VAE, frozen
+    assert np.float32(student.scaling_factor) == np.float32(checkpoint.scaling_factor)
+    assert not same(student.unet_params, checkpoint.unet_params)  # the student trained
+    out = tmp_path / "samples"
+    command = ["sample", "--workdir", str(workdir), "--prompt", "a red circle", "--out", str(out)]
+    assert cli.main(command) == 0
+    record = json.loads((out / "manifest.json").read_text())[0]
+    assert (record["steps"], record["guidance_scale"]) == (2, 1.0)  # the student's own

@@ -732,3 +732,37 @@ def test_progressive_distillation_rounds(trained, data_dir, tmp_path, capsys, ca
     code = cli.main(train_args("distill,smoke", first, data_dir, teacher(first), steps))
     assert code == 2 and "is the teacher's run" in capsys.readouterr().err
     assert sorted(p.name for p in (first / "checkpoints").iterdir()) == before
+
+
+@pytest.mark.slow
+def test_finetune_a_run_trained_here(trained, tmp_path):
+    """Issue 13: the fine-tuning trainer takes a run trained here as its base (the same `Model` a
+    checkpoint loads into; `--config.pretrained=<workdir>`), and `sample --workdir` samples the
+    fine-tuned run: its U-Net over the base's VAE and text encoder."""
+    from PIL import Image
+
+    _, lat = trained
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(8):
+        picture = rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)
+        Image.fromarray(picture).save(photos / f"{i}.png")
+        (photos / f"{i}.txt").write_text(("a red circle", "a blue square")[i % 2])
+    workdir = tmp_path / "finetune"
+    args = ["train", "--config", str(REPO / "configs" / "sd15_finetune.py") + ":smoke"]
+    args += [f"--config.pretrained={lat}", f"--config.data.path={photos}"]
+    args += [f"--config.data.data_dir={tmp_path / 'tfds'}", "--workdir", str(workdir)]
+    assert cli.main(args) == 0
+    base, tuned = load_run(lat), load_run(workdir)
+    assert tuned.kind == base.kind == "run" and tuned.source == str(workdir)
+    same = lambda a, b: all(
+        np.array_equal(np.asarray(x), np.asarray(y))
+        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
+    )
+    assert same(tuned.frozen_params(), base.frozen_params())  # VAE and text encoder kept
+    assert not same(tuned.unet_params, base.unet_params)  # the U-Net trained
+    out = tmp_path / "samples"
+    sample = ["sample", "--workdir", str(workdir), "--prompt", "a red circle", "--steps", "2"]
+    assert cli.main([*sample, "--out", str(out)]) == 0
+    assert json.loads((out / "manifest.json").read_text())[0]["workdir"] == str(workdir)

@@ -20,23 +20,10 @@ import numpy as np
 
 from ldm_jax.data import latents as latents_lib
 from ldm_jax.data.pipeline import SIZE_COLUMNS, StepIndexedBatches, load_dataset
+from ldm_jax.data.tokenizers import token_ids
 from ldm_jax.runs import params_fingerprint
 
 log = logging.getLogger("ldm_jax")
-
-
-def token_ids(tokenizer, texts) -> np.ndarray:
-    """int32[N, model_max_length]: padded and truncated, as the scripts' `tokenize_captions`."""
-    return np.asarray(
-        tokenizer(
-            [str(t) for t in texts],
-            padding="max_length",
-            max_length=tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="np",
-        ).input_ids,
-        np.int32,
-    )
 
 
 def random_crops(images, size: int, seed: int, step: int, indices) -> tuple:

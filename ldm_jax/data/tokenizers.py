@@ -220,3 +220,24 @@ def tokenizer_from_config(config) -> ByteTokenizer | WordTokenizer | CLIPTokeniz
         config.context_length,
         tuple(config.get("vocabulary", None) or ()),
     )
+
+
+def token_ids(tokenizer, texts: Sequence[str]) -> np.ndarray:
+    """int32[N, context] from either kind of tokenizer a model may hold: one of this module's
+    (`tok(texts)`) or a transformers CLIPTokenizer of a checkpoint, padded to its
+    `model_max_length` and truncated with a warning, as diffusers' `encode_prompt` and training
+    scripts' `tokenize_captions` (each tokenizer's own pad token: "<|endoftext|>", or "!" for
+    OpenCLIP)."""
+    if isinstance(texts, str):
+        _check_texts(texts)  # the error for a bare string
+    texts = [str(t) for t in texts]
+    if not hasattr(tokenizer, "model_max_length"):
+        return np.asarray(tokenizer(texts), np.int32)
+    limit = tokenizer.model_max_length
+    for text, full in zip(texts, tokenizer(texts).input_ids):
+        if len(full) > limit:
+            logger.warning("prompt truncated to %d tokens: %r", limit, text)
+    ids = tokenizer(
+        texts, padding="max_length", max_length=limit, truncation=True, return_tensors="np"
+    ).input_ids
+    return np.asarray(ids, np.int32)

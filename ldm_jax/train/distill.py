@@ -1,4 +1,4 @@
-"""Progressive distillation of a text-to-image LDM trained here (Salimans & Ho 2022, Algorithm 2),
+"""Progressive distillation of a text-to-image LDM (Salimans & Ho 2022, Algorithm 2),
 with the teacher's classifier-free guidance distilled in (Meng et al. 2023, a student for one
 guidance scale): one round halves the number of DDIM steps.
 
@@ -7,8 +7,9 @@ guidance scale): one round halves the number of DDIM steps.
   ldm-jax train --config configs/shapes.py:distill --workdir runs/shapes/distill_2 \
       --config.distill.teacher_workdir=runs/shapes/distill_4 --config.distill.student_steps=2
 
-The first round's teacher is an `ldm` run, sampled with DDIM at 2N steps and guidance
-`distill.guidance_scale` (cond and uncond in one batched call); a later round's teacher is the
+The first round's teacher is an `ldm` run or a pretrained SD 1.x / 2.x checkpoint (a diffusers
+folder or single file in `teacher_workdir`: one `Model` either way), sampled with DDIM at 2N
+steps and guidance `distill.guidance_scale` (cond and uncond in one batched call); a later round's teacher is the
 previous round's student (already guided: one conditional call per step), whose own
 `student_steps` must be 2N. The student starts as a copy of the teacher (U-Net and text
 encoder, both trained) and is sampled like any run: `ldm-jax sample --workdir ... --steps N
@@ -27,6 +28,7 @@ import jax.numpy as jnp
 from ldm_jax import model as model_lib
 from ldm_jax import rng as rng_lib
 from ldm_jax.data.pipeline import StepIndexedBatches
+from ldm_jax.data.tokenizers import token_ids
 from ldm_jax.diffusion import distillation
 from ldm_jax.diffusion.guidance import classifier_free_guidance
 from ldm_jax.diffusion.objectives import add_noise, training_target, weighted_mse
@@ -38,9 +40,18 @@ from ldm_jax.train import loop
 log = logging.getLogger("ldm_jax")
 
 
-def signature(config) -> dict:
+def signature(config, teacher: Model | None = None) -> dict:
     """The parameter shapes (those of the teacher) and which round this run is."""
+    if teacher is not None and teacher.kind != model_lib.RUN_KIND:  # a pretrained checkpoint
+        from ldm_jax.convert import configs as convert_configs
+
+        unet = convert_configs.unet_to_config(teacher.unet)
+        return {"kind": teacher.kind, "unet": unet, "student_steps": config.distill.student_steps}
     return {**ldm_stage.signature(config), "student_steps": config.distill.student_steps}
+
+
+# Checkpoints a student can be distilled from: one text encoder, no added conditioning.
+PRETRAINED_TEACHERS = ("sd1", "sd2")
 
 
 def load_teacher(config) -> tuple[Model, float]:
@@ -52,6 +63,14 @@ def load_teacher(config) -> tuple[Model, float]:
             "previous round's `distill` run"
         )
     path = pathlib.Path(workdir)
+    if not model_lib.is_run(path):  # a pretrained checkpoint (diffusers folder, single file)
+        teacher = model_lib.load_pretrained(path)
+        if teacher.kind not in PRETRAINED_TEACHERS:
+            raise ValueError(
+                f"{path} is a {teacher.kind} checkpoint; distillation takes "
+                f"{', '.join(PRETRAINED_TEACHERS)} checkpoints or runs trained here"
+            )
+        return teacher, float(config.distill.guidance_scale)
     teacher_config = read_run_config(path, model_lib.RUN_STAGES, what="a teacher")
     want, have = ldm_stage.signature(config), ldm_stage.signature(teacher_config)
     if as_json(want) != as_json(have):
@@ -79,8 +98,8 @@ def make_loss_fn(student: Model, teacher: Model, config, guidance: float):
     teacher's weights."""
     grid = distillation.distillation_timesteps(student.schedule, config.distill.student_steps)
     grid = {k: jnp.asarray(v) for k, v in grid.items()}
-    prediction_type = config.diffusion.prediction_type
-    empty_ids = jnp.asarray(teacher.tokenizers[0]([""])[0])
+    prediction_type = teacher.prediction_type  # (a run's is its config.diffusion's)
+    empty_ids = jnp.asarray(token_ids(teacher.get_tokenizers()[0], [""])[0])
 
     def teacher_fn(params, ids):
         embed = lambda i: (
@@ -141,7 +160,10 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> loop.TrainState:
         guidance,
         config.distill.student_steps,
     )
-    student = model_lib.from_config(config)
+    if teacher.kind == model_lib.RUN_KIND:
+        student = model_lib.from_config(config)  # the teacher's fields, this run's dtype
+    else:
+        student = model_lib.student_of(teacher, config)
     teacher_params = jax.device_get(teacher.run_params())
     vae = jax.device_get(teacher.run_frozen())  # the teacher's VAE and latent scale
 
@@ -164,6 +186,6 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> loop.TrainState:
         init_args=(teacher_params, vae),
         loss_fn=make_loss_fn(student, teacher, config, guidance),
         batches=batches,
-        signature=signature(config),
+        signature=signature(config, teacher),
         on_sample=ldm_stage.sample_grid_fn(student, config, workdir),
     )

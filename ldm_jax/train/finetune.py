@@ -1,4 +1,5 @@
-"""Fine-tuning the U-Net of a pretrained Stable Diffusion checkpoint (SD 1.x, 2.x, XL).
+"""Fine-tuning the U-Net of a pretrained Stable Diffusion checkpoint (SD 1.x, 2.x, XL) or of a
+model trained here.
 
   ldm-jax train --config configs/sd15_finetune.py --workdir runs/sd15_finetune \
       --config.pretrained=models/stable-diffusion-v1-5 --config.data.path=/data/my_photos
@@ -7,8 +8,8 @@ The recipe of diffusers' `examples/text_to_image/train_text_to_image.py` and
 `train_text_to_image_sdxl.py`, on the shared loop (`ldm_jax/train/loop.py`: resume, EMA,
 checkpoints, metrics):
 
-- `config.pretrained` (a diffusers folder or an original single file) is loaded with
-  `ldm_jax.convert.load_pretrained`. Only the U-Net is trained; the VAE and the text encoder(s)
+- `config.pretrained` (a diffusers folder, an original single file, or a run trained here) is
+  loaded with `ldm_jax.model.load` into the one `Model`. Only the U-Net is trained; the VAE and the text encoder(s)
   are frozen: they live in `state.frozen`, outside the optimizer and the gradients, and out of
   the checkpoints (a resume reads them from `config.pretrained` again and checks that they are
   the ones the run started with).
@@ -75,9 +76,10 @@ from ldm_jax import images as image_lib
 from ldm_jax import model as model_lib
 from ldm_jax import rng as rng_lib
 from ldm_jax.convert import configs as convert_configs
-from ldm_jax.convert import load_pretrained, save_pretrained
+from ldm_jax.convert import save_pretrained
 from ldm_jax.data import caption_batches
-from ldm_jax.data.caption_batches import make_batches, token_ids
+from ldm_jax.data.caption_batches import make_batches
+from ldm_jax.data.tokenizers import token_ids
 from ldm_jax.diffusion.objectives import PREDICTION_TYPES, denoising_loss
 from ldm_jax.diffusion.schedules import NoiseSchedule
 from ldm_jax.pipeline import encode_prompt, generate
@@ -88,7 +90,7 @@ log = logging.getLogger("ldm_jax")
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 UNCOND_MODES = ("auto", "empty_prompt", "zeros")
-TRAINABLE_KINDS = ("sd1", "sd2", "sdxl")
+TRAINABLE_KINDS = ("sd1", "sd2", "sdxl", "run")
 
 
 # --- The checkpoint -------------------------------------------------------------------------------
@@ -106,7 +108,8 @@ def load_model(config):
         raise ValueError(
             f"unknown compute_dtype {config.compute_dtype!r}; valid: {', '.join(DTYPES)}"
         )
-    model = load_pretrained(
+    # A checkpoint, or a run trained here (its EMA weights): the same Model either way.
+    model = model_lib.load(
         config.pretrained,
         variant=config.variant or None,
         tokenizer_dir=config.tokenizer_dir or None,
@@ -151,7 +154,12 @@ def uses_zero_uncond(model) -> bool:
 
 
 def signature(model) -> dict:
-    """What fixes the shapes of the train state: the architectures of all four components."""
+    """What fixes the shapes of the train state: the architectures of all four components (of
+    a run trained here: its config's model fields, its tokenizer having no transformers form)."""
+    if model.kind == model_lib.RUN_KIND:
+        from ldm_jax.train import ldm as ldm_stage
+
+        return {"kind": model.kind, "run": ldm_stage.signature(model.config)}
     return {
         "kind": model.kind,
         "unet": convert_configs.unet_to_config(model.unet),
@@ -162,8 +170,7 @@ def signature(model) -> dict:
 
 def frozen_params(model) -> dict:
     """The frozen part of the train state: {"vae": ..., "text_encoders": {slot: ...}}."""
-    slots = model.text_encoder_slots
-    return {"vae": model.vae_params, "text_encoders": dict(zip(slots, model.text_encoder_params))}
+    return model.frozen_params()
 
 
 def with_params(model, unet_params, frozen: dict):
@@ -439,6 +446,9 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> loop.TrainState:
     )
 
     # --- Export: a diffusers folder with the fine-tuned (EMA) U-Net. ---
+    if model.kind == model_lib.RUN_KIND:  # no diffusers layout for its tokenizer and configs
+        log.info("sample the fine-tuned model with `ldm-jax sample --workdir %s`", workdir)
+        return state
     unet_params = state.ema_params if config.export_ema else state.params
     path = export(model, unet_params, state.frozen, workdir / "export")
     log.info(

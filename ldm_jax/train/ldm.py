@@ -27,6 +27,7 @@ from ldm_jax import rng as rng_lib
 from ldm_jax.config import read_config
 from ldm_jax.data import latents as latents_lib
 from ldm_jax.data.pipeline import StepIndexedBatches, load_dataset
+from ldm_jax.data.tokenizers import token_ids
 from ldm_jax.diffusion.objectives import denoising_loss
 from ldm_jax.model import Model
 from ldm_jax.models.builders import latent_size
@@ -146,8 +147,8 @@ def training_arrays(config, ldm: Model, vae_params) -> dict:
     return {
         "latent_mean": latent_mean,
         "latent_std": latent_std,
-        "caption_ids": ldm.tokenizers[0](list(data["caption"])),
-        "canonical_ids": ldm.tokenizers[0](list(canonical)),
+        "caption_ids": token_ids(ldm.tokenizers[0], list(data["caption"])),
+        "canonical_ids": token_ids(ldm.tokenizers[0], list(canonical)),
     }
 
 
