@@ -33,12 +33,10 @@ builds one); it runs in seconds on a CPU. An untuned starting point: no result i
 
 import pathlib
 
-import ml_collections
-
 from ldm_jax.config import load_config_file
 from ldm_jax.data.pipeline import data_config
 
-SHAPES = pathlib.Path(__file__).with_name("shapes.py")
+COMMON = pathlib.Path(__file__).with_name("common.py")
 
 
 def get_config(arg=None):
@@ -46,11 +44,9 @@ def get_config(arg=None):
     if any(p != "smoke" for p in parts):
         raise ValueError(f"configs/sd15_finetune.py: bad argument {arg!r}; use '' or 'smoke'")
     smoke = "smoke" in parts
-    shared = load_config_file(str(SHAPES))  # multi-host and logging settings are shared
-
-    c = ml_collections.ConfigDict()
+    c = load_config_file(str(COMMON))  # mesh, precision, checkpoints, multi-host, wandb
+    c.unlock()  # (loaded locked) this config adds its own fields
     c.stage = "finetune"
-    c.seed = 0
 
     # The checkpoint: a diffusers folder or a single file (+ tokenizer folders for single files).
     c.pretrained = ""
@@ -61,21 +57,15 @@ def get_config(arg=None):
     # gradients, optimizer state and the VAE stay float32.
     c.compute_dtype = "bfloat16"
     c.attention_implementation = ""  # "" = ldm_jax's default; "cudnn" / "xla" (GPU)
-    # Memory (see configs/shapes.py and README "Training at scale"): U-Net block remat ("none",
-    # "full", "dots") and micro-batches per update; benchmarks/train_memory.py measures them.
-    c.remat_policy = "none"
-    c.grad_accum_steps = 1
+    # Memory (configs/common.py and README "Training at scale"): remat_policy, grad_accum_steps;
+    # benchmarks/train_memory.py measures them.
 
     c.data = data_config("image_caption", image_size=512, in_memory=False)
     c.data.random_flip = True  # horizontal flips, drawn per example and step
     # False: center crops (prepared once); True: a random image_size crop of each image (stored
     # resized, uncropped) every step, the diffusers scripts' default without --center_crop.
     c.data.random_crop = False
-    # Sharding as in configs/shapes.py: e.g. FSDP --config.mesh.data=2 --config.mesh.fsdp=4.
-    c.mesh = shared.mesh.to_dict()
-    c.dcn_mesh = shared.dcn_mesh.to_dict()
-    c.sharding_rules = shared.sharding_rules
-    c.mesh_num_devices = shared.mesh_num_devices
+    # Sharding: configs/common.py, e.g. FSDP --config.mesh.data=2 --config.mesh.fsdp=4.
 
     c.prediction_type = ""  # "" = the checkpoint's scheduler_config; or epsilon / v_prediction
     # Probability of training on the unconditional input (classifier-free guidance). SD 1.x was
@@ -99,12 +89,7 @@ def get_config(arg=None):
     c.batch_size = 32  # global
     c.num_train_steps = 15_000
     c.max_consecutive_nonfinite = 3  # skipped non-finite updates in a row before stopping
-
-    c.log_every = 50
-    c.checkpoint_every = 1000  # orbax checkpoints in <workdir>/checkpoints
-    c.max_checkpoints_to_keep = 2
-    c.keep_checkpoint_every = 0
-    c.distributed = shared.distributed.to_dict()
+    # Logging, checkpoints (every 1000 steps) and multi-host start-up: configs/common.py.
     c.sample_every = 1000  # a grid of the sample prompts with the EMA U-Net, in <workdir>/samples
     c.sample = dict(
         prompts=(
@@ -119,7 +104,6 @@ def get_config(arg=None):
         seed=0,
     )
     c.export_ema = True  # <workdir>/export gets the EMA U-Net (False: the trained weights)
-    c.wandb = shared.wandb.to_dict()
 
     if smoke:
         c.compute_dtype = "float32"

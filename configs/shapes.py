@@ -17,9 +17,14 @@ tiny widths and the 512-example `smoke` split; the tests use it. `,64` selects 6
 Expected (2-core CPU, see README): color+shape adherence >= 80% at guidance 4, 25 DDIM steps.
 """
 
+import pathlib
+
 import ml_collections
 
+from ldm_jax.config import load_config_file
 from ldm_jax.data import shapes
+
+COMMON = pathlib.Path(__file__).with_name("common.py")
 
 STAGES = ("autoencoder", "ldm", "distill")
 OPTIONS = ("smoke", "64")
@@ -39,9 +44,9 @@ def _parse(arg):
 
 def get_config(arg=None):
     stage, smoke, big = _parse(arg)
-    c = ml_collections.ConfigDict()
+    c = load_config_file(str(COMMON))  # mesh, precision, checkpoints, multi-host, wandb
+    c.unlock()  # (loaded locked) this config adds its own fields
     c.stage = stage
-    c.seed = 0
 
     c.data = dict(
         name="shapes",
@@ -49,28 +54,7 @@ def get_config(arg=None):
         data_dir="~/tensorflow_datasets",
         image_size=64 if big else 32,
     )
-    # Sharding (ldm_jax/sharding.py): mesh axes data / fsdp / tensor, -1 = the rest. Parameters
-    # and activations carry logical axis names (ldm_jax/models/axes.py); `sharding_rules`
-    # ((logical, mesh axes), ...) maps them, () = sharding.DEFAULT_RULES. Data parallel by default;
-    # FSDP on 8 devices: --config.mesh.data=2 --config.mesh.fsdp=4; tensor parallel:
-    # --config.mesh.data=4 --config.mesh.tensor=2.
-    c.mesh = dict(data=-1, fsdp=1, tensor=1)
-    # Several TPU slices / GPU hosts: `mesh` is then the mesh within one slice and `dcn_mesh` the
-    # factor of each axis across slices (slow network), e.g. 4 slices data-parallel over DCN and
-    # FSDP within each: --config.mesh.data=1 --config.mesh.fsdp=-1 --config.dcn_mesh.data=4.
-    c.dcn_mesh = dict(data=1, fsdp=1, tensor=1)
-    c.sharding_rules = ()
-    c.mesh_num_devices = 0  # > 0: only the first N devices (single-device references, debugging)
-    # Precision and memory: activations in compute_dtype ("bfloat16" on GPU/TPU; parameters, norms,
-    # softmax and the loss stay float32), U-Net block remat ("none", "full", "dots"; models/unet.py
-    # REMAT_POLICIES) and gradient accumulation over micro-batches (batch_size / grad_accum_steps
-    # examples at a time, one update per batch).
-    c.compute_dtype = "float32"
-    c.remat_policy = "none"
-    c.grad_accum_steps = 1
-    # XLA compiler options of the training step when it runs on CPU devices (jax.jit's
-    # compiler_options: XLA DebugOptions fields; not used on GPU/TPU). Set per stage below.
-    c.cpu_compiler_options = {}
+    # Sharding, precision and memory switches: configs/common.py (float32 here, no remat).
     if stage == "autoencoder":
         # XLA:CPU's YNNPACK fusions (on by default in jax 0.10) run this narrow convolutional
         # network's step 1.2-1.5x slower than XLA's own kernels (benchmarks/README.md).
@@ -147,26 +131,9 @@ def get_config(arg=None):
     # ~9 LDM steps/s at batch 32.
     c.batch_size = {"autoencoder": 8, "ldm": 32, "distill": 64}[stage]
     c.num_train_steps = {"autoencoder": 1600, "ldm": 3000, "distill": 1000}[stage]
-    c.max_consecutive_nonfinite = 1  # stop at the first non-finite loss (the update is skipped)
-
-    c.log_every = 50
-    # orbax checkpoints (async saves) in <workdir>/checkpoints: the newest
-    # `max_checkpoints_to_keep`, plus every multiple of `keep_checkpoint_every` (0: none).
+    # Stop at the first non-finite loss (the update is skipped): common.py's default.
     # A checkpoint and a sample grid halfway and at the end: each costs ~3 s on 2 CPU cores.
     c.checkpoint_every = c.num_train_steps // 2
-    c.max_checkpoints_to_keep = 2
-    c.keep_checkpoint_every = 0
-    # Multi-host runs (ldm_jax/distributed.py): empty/0/-1 take the values from the environment
-    # (JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID; see launch/), else from a
-    # cluster JAX detects (TPU pod slice, SLURM, Open MPI) when auto_detect is on.
-    c.distributed = dict(
-        coordinator_address="",  # "host:port" of process 0
-        num_processes=0,
-        process_id=-1,
-        auto_detect=True,
-        initialization_timeout=300,  # seconds to wait for all processes to join
-        cpu_collectives="gloo",  # cross-process collectives of the CPU backend
-    )
     c.sample_every = c.num_train_steps // 2  # sample grid (or reconstructions) of fixed prompts
     c.sample = dict(
         prompts=(
@@ -183,7 +150,6 @@ def get_config(arg=None):
         num_steps=25,
         guidance_scale=4.0,
     )
-    c.wandb = dict(mode="offline", project="ldm_jax", entity="")  # mode "disabled" to turn off
 
     if stage == "distill":
         # Progressive distillation (ldm_jax/train/distill.py): one round, 2N teacher DDIM steps

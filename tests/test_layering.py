@@ -18,7 +18,7 @@ FORBIDDEN = {
     "runs": {"train", "eval", "pipeline", "model", "data", "convert"},
     "images": {"train", "eval", "pipeline", "model", "data", "convert", "runs"},
 }
-CLI = {"cli", "cli_args", "cli_eval"}
+CLI = {"cli"}  # the package of commands
 
 
 def _part(module: str) -> str:

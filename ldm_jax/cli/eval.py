@@ -1,6 +1,6 @@
 """`ldm-jax eval ...`: prompt adherence, FID / KID, CLIP score and FID reference statistics.
 
-The commands' functions and their argument parsers; cli.py dispatches to them.
+The commands' functions and their argument parsers; `ldm_jax.cli.main` dispatches to them.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import json
 import os
 import pathlib
 
-from ldm_jax import cli_args
+from ldm_jax.cli import args as args_lib
 
 
 def _eval_adherence(args, overrides):
@@ -18,9 +18,9 @@ def _eval_adherence(args, overrides):
     from ldm_jax import runs as run_io
     from ldm_jax.eval import adherence
 
-    cli_args.check_counts(args, "num_per_prompt", "steps", "batch_size")
-    cli_args.check_finite(args, "guidance_scales")
-    cli_args.check_seed(args.seed, len(adherence.adherence_prompts()) * args.num_per_prompt)
+    args_lib.check_counts(args, "num_per_prompt", "steps", "batch_size")
+    args_lib.check_finite(args, "guidance_scales")
+    args_lib.check_seed(args.seed, len(adherence.adherence_prompts()) * args.num_per_prompt)
     from ldm_jax.diffusion.samplers import get_sampler
 
     get_sampler(args.sampler)  # ValueError listing the valid names
@@ -68,10 +68,10 @@ def _eval_fid(args, overrides):
         raise ValueError("eval fid takes exactly one of --workdir (a model) or --images (a folder)")
     if args.images and not args.reference:
         raise ValueError("--images needs --reference (statistics from `eval fid-reference`)")
-    cli_args.check_inputs(args)
-    cli_args.check_counts(args, "steps", "num_images", "batch_size", "kid_subset_size")
-    cli_args.check_finite(args, "guidance_scale")
-    cli_args.check_seed(args.seed, args.num_images or 1)
+    args_lib.check_inputs(args)
+    args_lib.check_counts(args, "steps", "num_images", "batch_size", "kid_subset_size")
+    args_lib.check_finite(args, "guidance_scale")
+    args_lib.check_seed(args.seed, args.num_images or 1)
     if args.workdir:  # a wrong sampler name or step count fails before anything is loaded
         from ldm_jax.diffusion.samplers import network_evaluations
 
@@ -121,7 +121,7 @@ def _eval_fid(args, overrides):
         prompts,
         runs=runs,
         guidance_scale=args.guidance_scale,
-        sampler_options=cli_args.sampler_options(args.sampler_option),
+        sampler_options=args_lib.sampler_options(args.sampler_option),
         seed=args.seed,
         batch_size=args.batch_size,
         kid_subset_size=args.kid_subset_size,
@@ -157,8 +157,8 @@ def _eval_clip_score(args, overrides):
     from ldm_jax.eval import fid
     from ldm_jax.eval.clip_score import ClipScorer, summarize
 
-    cli_args.check_inputs(args)
-    cli_args.check_counts(args, "num_images", "batch_size")
+    args_lib.check_inputs(args)
+    args_lib.check_counts(args, "num_images", "batch_size")
     files = fid.image_files(args.images)[: args.num_images]
     prompts = _manifest_prompts(args.images, files)
     scorer = ClipScorer.from_folder(args.clip, batch_size=args.batch_size)
@@ -178,8 +178,8 @@ def _eval_fid_reference(args, overrides):
         raise FileExistsError(f"--out {out} exists; choose a new file")
     if bool(args.images) == bool(args.config):
         raise ValueError("eval fid-reference takes exactly one of --images or --config")
-    cli_args.check_inputs(args)
-    cli_args.check_counts(args, "num_images", "batch_size")
+    args_lib.check_inputs(args)
+    args_lib.check_counts(args, "num_images", "batch_size")
     extractor = _inception(args)
     if args.images:
         files = fid.image_files(args.images)[: args.num_images]
@@ -199,12 +199,12 @@ def _eval_fid_reference(args, overrides):
     print(f"wrote statistics of {stats.num} images to {out}")
 
 
-def add_parsers(sub) -> None:
+def add_parser(sub) -> None:
     """The `eval` command and its subcommands, on the top-level parser's subparsers."""
     p = sub.add_parser("eval", help="evaluations")
     eval_sub = p.add_subparsers(dest="evaluation", required=True)
     p = eval_sub.add_parser("adherence", help="prompt adherence on the shapes prompt set")
-    cli_args.add_sampling_args(p)
+    args_lib.add_sampling_args(p)
     p.add_argument("--guidance-scales", type=float, nargs="+", default=[0.0, 4.0])
     p.add_argument("--num-per-prompt", type=int, default=8)
     p.add_argument(

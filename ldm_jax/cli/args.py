@@ -1,5 +1,5 @@
-"""Argument parsing and checks shared by the `ldm-jax` commands (cli.py, cli_eval.py): each
-check runs before any model is loaded and names the argument that is wrong."""
+"""Argument parsing and checks shared by the `ldm-jax` commands (the modules of this package):
+each check runs before any model is loaded and names the argument that is wrong."""
 
 from __future__ import annotations
 
