@@ -290,6 +290,43 @@ def test_unet_conditioning_hooks_match_diffusers():
         model.apply(params, x, t, ctx)
 
 
+def test_unet_t2i_adapter_features_match_diffusers():
+    """T2I-Adapter's `down_intrablock_additional_residuals`, against diffusers' forward: one
+    feature per down block (inside the cross-attention block before its skip and downsampler;
+    after the plain block, which diffusers adds in place, so its last skip too), and a third one
+    of the mid block's shape added after it (T2I-Adapter-XL). Random features."""
+    torch = pytest.importorskip("torch")
+
+    ref, model, params = _unet_pair(HOOKS_UNET)
+    x = jax.random.normal(KEY, (2, 8, 8, 4))
+    ctx = jax.random.normal(jax.random.key(1), (2, 5, 48))
+    t = np.array([3.0, 750.25], np.float32)
+    rng = np.random.default_rng(2)
+    shapes = [(2, 8, 8, 32), (2, 4, 4, 64), (2, 4, 4, 64)]  # level 0, level 1, the mid block
+    features = [jnp.asarray(rng.normal(size=s), jnp.float32) for s in shapes]
+    apply = jax.jit(
+        lambda p, x, t, c, f: model.apply(p, x, t, c, down_intrablock_additional_residuals=f)
+    )
+    plain = model.apply(params, x, jnp.asarray(t), ctx)
+    for n in (2, 3):
+        ours = apply(params, x, jnp.asarray(t), ctx, features[:n])
+        with torch.no_grad():
+            want = ref(
+                nchw(x),
+                torch.from_numpy(t),
+                torch.from_numpy(np.array(ctx)),
+                down_intrablock_additional_residuals=[nchw(f) for f in features[:n]],  # popped
+            ).sample
+        np.testing.assert_allclose(ours, want.numpy().transpose(0, 2, 3, 1), atol=2e-5, rtol=1e-4)
+        assert float(jnp.abs(plain - ours).max()) > 0.1  # the features reach the output
+    with pytest.raises(ValueError, match=r"has shape \(2, 8, 8, 16\), its down block"):
+        model.apply(params, x, t, ctx, down_intrablock_additional_residuals=[features[0][..., :16]])
+    with pytest.raises(ValueError, match="1 down_intrablock_additional_residuals unused"):
+        model.apply(
+            params, x, t, ctx, down_intrablock_additional_residuals=[*features, features[2]]
+        )
+
+
 def test_unet_ip_adapter_streams_match_diffusers():
     """IP-Adapter's decoupled cross-attention: two image-prompt token streams with their own
     scales, against diffusers' `IPAdapterAttnProcessor2_0` in every cross-attention layer (random

@@ -98,6 +98,7 @@ class _Block(nn.Module):
         train: bool = False,
         ip_hidden_states: Sequence[jax.Array] = (),
         ip_scales: jax.Array | None = None,
+        intrablock: jax.Array | None = None,
     ):
         resnet = _remat(ResnetBlock2D, self.remat_policy)
         transformer = _remat(Transformer2DModel, self.remat_policy)
@@ -118,6 +119,8 @@ class _Block(nn.Module):
                 h = transformer(
                     **_transformer_fields(self, self.out_channels), name=f"attentions_{j}"
                 )(h, context, train, ip_hidden_states, ip_scales)
+            if intrablock is not None and j == self.num_layers - 1:  # T2I-Adapter (down only)
+                h = h + intrablock
             outputs.append(h)
         if self.resample and self.up:
             h = Upsample2D(self.out_channels, self.dtype, name="upsamplers_0")(h)
@@ -141,6 +144,15 @@ def _transformer_fields(block, width: int) -> dict:
         dtype=block.dtype,
         num_ip_adapters=block.num_ip_adapters,
     )
+
+
+def _intrablock(adapter: list, cross: bool, shape: tuple, dtype) -> jax.Array | None:
+    """The next T2I-Adapter feature for a cross-attention down block (popped and checked against
+    the shape of its last transformer's output), else None."""
+    if not (adapter and cross):
+        return None
+    (feature,) = _add_residuals([jnp.zeros(shape, dtype)], [adapter.pop(0)], dtype, "down block")
+    return feature
 
 
 def _add_residuals(features, residuals, dtype, what: str = "skip connection") -> list:
@@ -258,6 +270,7 @@ class UNet2DConditionModel(nn.Module):
         timestep_cond: jax.Array | None = None,
         down_block_additional_residuals: Sequence[jax.Array] | None = None,
         mid_block_additional_residual: jax.Array | None = None,
+        down_intrablock_additional_residuals: Sequence[jax.Array] | None = None,
         ip_hidden_states: Sequence[jax.Array] = (),
         ip_adapter_scale: float | Sequence[float] = 1.0,
     ) -> jax.Array:
@@ -276,6 +289,11 @@ class UNet2DConditionModel(nn.Module):
             down resnet / transformer output and every downsampler output, in that order: what
             ControlNet returns), each added to its skip before the up path reads it.
           mid_block_additional_residual: added to the mid block's output (ControlNet's last).
+          down_intrablock_additional_residuals: T2I-Adapter's features, taken in order, one per
+            down block while any remain: a cross-attention block adds its own to the output of
+            its last transformer (before the skip and the downsampler), a plain block to its
+            output (which is also its last skip: diffusers adds in place); one left over whose
+            shape is the mid block's output's is added there (T2I-Adapter-XL).
           ip_hidden_states: num_ip_adapters arrays [B, S_i, cross_attention_dim], the image-prompt
             tokens of each IP-Adapter (its image projection's output), with `ip_adapter_scale`
             (one value, or one per adapter) weighting each stream's attention output.
@@ -329,20 +347,35 @@ class UNet2DConditionModel(nn.Module):
         # 2. down path; `skips` are diffusers' down_block_res_samples.
         h = conv(self.block_out_channels[0], 3, self.dtype, "conv_in")(sample.astype(self.dtype))
         skips = [h]
+        adapter = list(down_intrablock_additional_residuals or ())
         for i, block_type in enumerate(self.down_block_types):
             if block_type not in DOWN_BLOCK_TYPES:
                 raise ValueError(f"unknown down block type {block_type}")
+            cross = block_type.startswith("CrossAttn")
             h, res = _Block(
                 self.block_out_channels[i],
                 layers[i],
                 up=False,
-                cross_attention=block_type.startswith("CrossAttn"),
+                cross_attention=cross,
                 resample=i < n - 1,
                 heads=heads[i],
                 transformer_layers=tlayers[i],
                 name=f"down_blocks_{i}",
                 **common,
-            )(h, emb, context, (), train, *ip)
+            )(
+                h,
+                emb,
+                context,
+                (),
+                train,
+                *ip,
+                intrablock=_intrablock(
+                    adapter, cross, (*h.shape[:3], self.block_out_channels[i]), self.dtype
+                ),
+            )
+            if adapter and not cross:  # added to the block's output, its last skip too
+                h = _add_residuals([h], [adapter.pop(0)], self.dtype, "down block output")[0]
+                res = (*res[:-1], h)
             skips.extend(res)
         if down_block_additional_residuals is not None:
             skips = _add_residuals(skips, down_block_additional_residuals, self.dtype)
@@ -351,6 +384,13 @@ class UNet2DConditionModel(nn.Module):
         h = UNetMidBlock2DCrossAttn(heads[-1], tlayers[-1], name="mid_block", **common)(
             h, emb, context, train, *ip
         )
+        if adapter and adapter[0].shape == h.shape:  # T2I-Adapter-XL's last feature
+            h = h + adapter.pop(0).astype(self.dtype)
+        if adapter:
+            shapes = [tuple(a.shape) for a in adapter]
+            raise ValueError(
+                f"{len(adapter)} down_intrablock_additional_residuals unused: {shapes}"
+            )
         if mid_block_additional_residual is not None:
             (h,) = _add_residuals([h], [mid_block_additional_residual], self.dtype, "mid block")
 
