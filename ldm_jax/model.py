@@ -19,6 +19,8 @@ import logging
 import pathlib
 from typing import Any
 
+import flax.linen as nn
+import jax.numpy as jnp
 import numpy as np
 
 from ldm_jax.diffusion.schedules import (
@@ -188,6 +190,40 @@ def text_encoder_slots(kind: str) -> tuple[str, ...]:
     if base == "sdxl-refiner":
         return ("text_encoder_2",)
     return TEXT_ENCODER_SLOTS if base == "sdxl" else ("text_encoder",)
+
+
+# --- Text encoding -------------------------------------------------------------------------------
+
+
+def _final_layer_norm(encoder, params, h):
+    """CLIP's final LayerNorm on an intermediate hidden state (diffusers' clip_skip for SD1/2)."""
+    ln_params = params["params"] if "params" in params else params
+    return nn.LayerNorm(epsilon=encoder.layer_norm_eps).apply(
+        {"params": ln_params["final_layer_norm"]}, h
+    )
+
+
+def encode_prompt(model, params, ids, clip_skip=None, *, negative: bool = False):
+    """Token ids per encoder -> (encoder_hidden_states f32[B,L,D], pooled f32[B,P] or None), as
+    diffusers' `encode_prompt`. SD1/2: the last hidden state (SD2's checkpoints already drop the
+    last OpenCLIP layer), or with clip_skip the final-LN'd hidden state clip_skip layers earlier.
+    SDXL: every encoder's penultimate hidden state (clip_skip more layers back) concatenated on
+    the feature axis, and the projected pooled output of the encoder that has a projection.
+    diffusers ignores clip_skip for negative prompts; so do we, to give the same images."""
+    skip = None if negative else clip_skip
+    if not model.kind.startswith("sdxl"):
+        encoder, p = model.text_encoders[0], params[0]
+        out = encoder.apply(p, ids[0], output_hidden_states=skip is not None)
+        if skip is None:
+            return out.last_hidden_state, None
+        return _final_layer_norm(encoder, p, out.hidden_states[-(skip + 1)]), None
+    states, pooled = [], None
+    for encoder, p, x in zip(model.text_encoders, params, ids):
+        out = encoder.apply(p, x, output_hidden_states=True)
+        states.append(out.hidden_states[-(2 + (skip or 0))])
+        if pooled is None and out.text_embeds is not None:
+            pooled = out.text_embeds
+    return jnp.concatenate(states, axis=-1), pooled
 
 
 # --- Runs trained here ---------------------------------------------------------------------------

@@ -24,7 +24,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -36,7 +35,7 @@ from ldm_jax.diffusion import samplers as sampler_lib
 from ldm_jax.diffusion.guidance import classifier_free_guidance
 from ldm_jax.diffusion.samplers import options as options_lib
 from ldm_jax.images import images_per_prompt
-from ldm_jax.model import PRETRAINED_SAMPLING, Model
+from ldm_jax.model import PRETRAINED_SAMPLING, Model, encode_prompt
 
 log = logging.getLogger("ldm_jax")
 
@@ -63,37 +62,6 @@ def initial_noise(seeds: Sequence[int], latent_shape: tuple[int, int, int]) -> n
 
 
 # --- The jitted function -------------------------------------------------------------------------
-
-
-def _final_layer_norm(encoder, params, h):
-    """CLIP's final LayerNorm on an intermediate hidden state (diffusers' clip_skip for SD1/2)."""
-    ln_params = params["params"] if "params" in params else params
-    return nn.LayerNorm(epsilon=encoder.layer_norm_eps).apply(
-        {"params": ln_params["final_layer_norm"]}, h
-    )
-
-
-def encode_prompt(model, params, ids, clip_skip=None, *, negative: bool = False):
-    """Token ids per encoder -> (encoder_hidden_states f32[B,L,D], pooled f32[B,P] or None), as
-    diffusers' `encode_prompt`. SD1/2: the last hidden state (SD2's checkpoints already drop the
-    last OpenCLIP layer), or with clip_skip the final-LN'd hidden state clip_skip layers earlier.
-    SDXL: every encoder's penultimate hidden state (clip_skip more layers back) concatenated on
-    the feature axis, and the projected pooled output of the encoder that has a projection.
-    diffusers ignores clip_skip for negative prompts; so do we, to give the same images."""
-    skip = None if negative else clip_skip
-    if not model.kind.startswith("sdxl"):
-        encoder, p = model.text_encoders[0], params[0]
-        out = encoder.apply(p, ids[0], output_hidden_states=skip is not None)
-        if skip is None:
-            return out.last_hidden_state, None
-        return _final_layer_norm(encoder, p, out.hidden_states[-(skip + 1)]), None
-    states, pooled = [], None
-    for encoder, p, x in zip(model.text_encoders, params, ids):
-        out = encoder.apply(p, x, output_hidden_states=True)
-        states.append(out.hidden_states[-(2 + (skip or 0))])
-        if pooled is None and out.text_embeds is not None:
-            pooled = out.text_embeds
-    return jnp.concatenate(states, axis=-1), pooled
 
 
 def _build_fn(model: Model, sampler: str, num_steps: int, options: tuple, mode: str, schedule):

@@ -82,7 +82,8 @@ from ldm_jax.data.caption_batches import make_batches
 from ldm_jax.data.tokenizers import token_ids
 from ldm_jax.diffusion.objectives import PREDICTION_TYPES, denoising_loss
 from ldm_jax.diffusion.schedules import NoiseSchedule
-from ldm_jax.pipeline import encode_prompt, generate
+from ldm_jax.model import encode_prompt
+from ldm_jax.pipeline import generate
 from ldm_jax.runs import Checkpointer, params_fingerprint, read_run_config
 from ldm_jax.train import loop
 
