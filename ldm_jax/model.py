@@ -267,10 +267,14 @@ def distilled_from_checkpoint(config) -> str | None:
     here, whose config describes the modules."""
     from ldm_jax.runs import read_run_config
 
+    seen = set()
     while config.stage == "distill":
         teacher = pathlib.Path(config.distill.teacher_workdir)
         if not is_run(teacher):
             return str(teacher) if teacher.exists() else None
+        if teacher.resolve() in seen:
+            raise ValueError(f"the chain of teachers loops back to {teacher}")
+        seen.add(teacher.resolve())
         config = read_run_config(teacher)
     return None
 

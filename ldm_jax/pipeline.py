@@ -253,6 +253,14 @@ def generate(
         raise ValueError("strength needs an init image")
     if mode == "txt2img" and denoising_start is not None:
         raise ValueError("denoising_start needs image (the latents of the previous stage)")
+    latent_shape = (height // model.vae_scale_factor, width // model.vae_scale_factor)
+    latent_shape += (model.vae.latent_channels,)
+    if denoising_start is not None and not _is_latents(image, latent_shape):
+        got = getattr(image, "shape", type(image).__name__)
+        raise ValueError(
+            f"denoising_start continues from latents [N, {', '.join(map(str, latent_shape))}] "
+            f"(height x width {height}x{width}); got {got}"
+        )
     start_step = options_lib.img2img_start_step(steps, strength)
 
     # Per-image host arrays (N = prompts x images per prompt, prompt-major).
@@ -261,8 +269,6 @@ def generate(
     if len(seeds) != n:
         raise ValueError(f"give one seed or one per image ({n}), got {len(seeds)}")
     seeds = rng_lib.seed_array(seeds)
-    latent_shape = (height // model.vae_scale_factor, width // model.vae_scale_factor)
-    latent_shape += (model.vae.latent_channels,)
     zero_uncond = negative_prompt is None and model.force_zeros_for_empty_prompt
     batch = {
         "ids": tuple(rep(token_ids(t, p)) for t, (p, _) in zip(tokenizers, texts)),

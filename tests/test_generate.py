@@ -423,6 +423,10 @@ def test_handoff_refuses_what_it_cannot_do(sdxl, sdxl_refiner):
         generate(base, "x", denoising_end=1.0, sampler="euler", **kwargs)
     with pytest.raises(ValueError, match="denoising_start needs image"):
         generate(base, "x", denoising_start=0.5, sampler="euler", **kwargs)
+    _, refiner = sdxl_refiner
+    wrong = np.zeros((1, 4, 4, 4), np.float32)  # latents of another size
+    with pytest.raises(ValueError, match=r"continues from latents \[N, 16, 16, 4\]"):
+        generate(refiner, "x", image=wrong, denoising_start=0.5, sampler="euler", **kwargs)
     with pytest.raises(ValueError, match="leaves no steps"):
         generate(base, "x", denoising_end=0.01, sampler="euler", **kwargs)
     with pytest.raises(ValueError, match="output_type"):

@@ -129,9 +129,14 @@ def run(args, overrides):
         **common,
     )
     if refiner is not None:  # the ensemble of experts: the refiner takes the last steps
+        # at the base's size, whatever the refiner's own default is
+        size = {
+            k: n * refiner.vae_scale_factor for k, n in zip(("height", "width"), images.shape[1:3])
+        }
         images = generate(
-            refiner, args.prompt, image=images, denoising_start=args.denoising_end, **common
-        )
+            refiner, args.prompt, image=images, denoising_start=args.denoising_end,
+            **{**common, **size},
+        )  # fmt: skip
         source.update(refiner=str(args.refiner), denoising_end=args.denoising_end)
     seconds = time.perf_counter() - start
     settings = dict(
