@@ -1,6 +1,6 @@
 """Fine-tuning gradient step with in-step VAE encoding vs precomputed latents (SD1.5 architecture).
 
-The loss of `ldm_jax.train.finetune` (`loss_with_draws`: VAE posterior, frozen CLIP text
+The loss of `ldm_jax.train.objectives.finetune` (`loss_with_draws`: VAE posterior, frozen CLIP text
 encoder, noised latents, U-Net, weighted MSE) and its gradient with respect to the U-Net, on
 images (the VAE encoder runs in the step, in float32) and on precomputed posteriors (what
 `ldm-jax encode --config configs/sd15_finetune.py` stores). Random weights of the SD1.5
@@ -36,7 +36,7 @@ from ldm_jax.model import Model
 from ldm_jax.models.clip import clip_from_variant
 from ldm_jax.models.unet import unet_from_variant
 from ldm_jax.models.vae import vae_from_variant
-from ldm_jax.train import finetune
+from ldm_jax.train.objectives import finetune
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 

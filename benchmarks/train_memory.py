@@ -1,6 +1,6 @@
 """Memory of one U-Net training step, by remat policy and mesh layout (XLA's own accounting).
 
-The step is the trainers' update (`ldm_jax.train.loop.make_update_fn`: epsilon-prediction loss,
+The step is the trainers' update (`ldm_jax.train.state.make_update_fn`: epsilon-prediction loss,
 gradients, clipping, AdamW, EMA) of a U-Net of the chosen variant (default SD1.5: 859,520,964
 parameters) at `--batch` latents of 64x64x4 with a 77x768 context. It is lowered from shapes and
 compiled, never run, so no weights are allocated; `compiled.memory_analysis()` then gives, per
@@ -44,7 +44,7 @@ from ldm_jax.diffusion.objectives import add_noise
 from ldm_jax.diffusion.schedules import make_schedule
 from ldm_jax.models.layers import count_params
 from ldm_jax.models.unet import unet_from_variant
-from ldm_jax.train import loop
+from ldm_jax.train import state as state_lib
 
 GIB = 2**30
 
@@ -80,12 +80,13 @@ def step_memory(
             grad_clip_norm=1.0,
         )
     )
-    optimizer = loop.make_optimizer(opt, 1000)
+    groups = {"unet": state_lib.ParamGroup(state_lib.make_optimizer(opt, 1000), 0.999)}
 
     def init_fn():
         x = jnp.zeros((1, 64, 64, unet.in_channels))
         ctx = jnp.zeros((1, 77, unet.cross_attention_dim))
-        return loop.init_state(unet.init(jax.random.key(0), x, jnp.zeros((1,)), ctx), optimizer)
+        params = {"unet": unet.init(jax.random.key(0), x, jnp.zeros((1,)), ctx)}
+        return state_lib.init_state(params, groups)
 
     def loss_fn(params, frozen, batch, rng):
         del frozen
@@ -94,14 +95,16 @@ def step_memory(
         t = jax.random.randint(k_t, (z.shape[0],), 0, schedule.num_train_timesteps)
         noise = jax.random.normal(k_eps, z.shape)
         x_t = add_noise(z, noise, schedule.alphas_cumprod[t])
-        pred = unet.apply(params, x_t, t.astype(jnp.float32), batch["context"], True)
+        pred = unet.apply(params["unet"], x_t, t.astype(jnp.float32), batch["context"], True)
         return jnp.mean((pred - noise) ** 2), {}
 
     abstract = jax.eval_shape(init_fn)
     state_shardings = sharding_lib.tree_shardings(abstract, mesh)
     data = sharding_lib.batch_sharding(mesh)
     update = jax.jit(
-        loop.make_update_fn(loss_fn, optimizer, 0.999, 0, mesh=mesh),
+        state_lib.make_update_fn(
+            [state_lib.Phase(loss_fn, ("unet",), opt.grad_clip_norm)], groups, 0, mesh=mesh
+        ),
         in_shardings=(state_shardings, data),
         out_shardings=(state_shardings, sharding_lib.replicated(mesh)),
         donate_argnums=(0,),

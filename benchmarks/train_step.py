@@ -4,7 +4,7 @@ One update of each stage of `make demo` (configs/shapes.py): the autoencoder ste
 posterior sample, decode, L2 + KL) and the latent-diffusion step (posterior sample, caption
 choice and dropout, text encoder, noised latents, U-Net, Min-SNR-weighted MSE), each followed by
 global-norm clipping, AdamW and the EMA update. ldm_jax runs the trainers' own jitted step
-(`loop.jit_update_fn` over `autoencoder.make_loss_fn` / `ldm.make_loss_fn`, as `ldm-jax train`
+(`state.jit_update_fn` over `autoencoder.make_loss_fn` / `ldm.make_loss_fn`, as `ldm-jax train`
 compiles it). PyTorch runs diffusers' `AutoencoderKL` / `UNet2DConditionModel` and transformers'
 `CLIPTextModel` built from the same config, `torch.optim.AdamW` (foreach), clipping and an EMA in
 place. Both start from the same random weights (copied into ldm_jax by its converters, and the
@@ -38,9 +38,9 @@ from ldm_jax.config import load_config
 from ldm_jax.convert.diffusers import convert_state_dict
 from ldm_jax.data import shapes
 from ldm_jax.models.builders import build_autoencoder, latent_size
-from ldm_jax.train import autoencoder as autoencoder_stage
-from ldm_jax.train import ldm as ldm_stage
-from ldm_jax.train import loop
+from ldm_jax.train import state as state_lib
+from ldm_jax.train.objectives import autoencoder as autoencoder_stage
+from ldm_jax.train.objectives import ldm as ldm_stage
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHAPES = os.path.join(REPO, "configs", "shapes.py")
@@ -114,7 +114,7 @@ def to_jax(component: str, module, torch_module) -> dict:
 
 
 def torch_updater(modules, loss_fn, config):
-    """() -> loss: one update of `modules`' parameters, as loop.make_update_fn does it."""
+    """() -> loss: one update of `modules`' parameters, as state.make_update_fn does it."""
     import torch
 
     params = [p for m in modules for p in m.parameters()]
@@ -152,19 +152,19 @@ def min_snr_weight_torch(alpha_bar, gamma):
 # --- The two stages ----------------------------------------------------------------------------
 
 
-def jax_updater(config, loss_fn, init_fn):
+def jax_updater(config, loss_fn, init_fn, groups):
     """(mesh, fresh state, {name: jitted update}): the trainer's update step as `ldm-jax train`
     compiles it, and when the config sets `cpu_compiler_options`, also without them."""
     mesh = sharding_lib.mesh_from_config(config)
     rules = sharding_lib.rules_from_config(config)
     shardings = sharding_lib.tree_shardings(jax.eval_shape(init_fn), mesh, rules)
     state = jax.jit(init_fn, out_shardings=shardings)()
-    updates = {"ldm_jax": loop.jit_update_fn(config, loss_fn, mesh, rules, shardings)}
+    updates = {"ldm_jax": state_lib.jit_update_fn(config, loss_fn, groups, mesh, rules, shardings)}
     if config.get("cpu_compiler_options"):
         with config.unlocked():
             config.cpu_compiler_options = {}
-        updates["ldm_jax, XLA defaults"] = loop.jit_update_fn(
-            config, loss_fn, mesh, rules, shardings
+        updates["ldm_jax, XLA defaults"] = state_lib.jit_update_fn(
+            config, loss_fn, groups, mesh, rules, shardings
         )
     return mesh, state, updates
 
@@ -173,7 +173,7 @@ def autoencoder_contenders(config, rng, with_torch: bool):
     size, b = config.data.image_size, config.batch_size
     images = rng.integers(0, 256, (b, size, size, 3)).astype(np.uint8)
     model = build_autoencoder(config)
-    optimizer = loop.make_optimizer(config.optimizer, config.num_train_steps)
+    groups = state_lib.groups_from_config(config, ("vae",))
     variables = None
     torch_step, agreement = None, None
     if with_torch:
@@ -202,7 +202,7 @@ def autoencoder_contenders(config, rng, with_torch: bool):
         variables = model.init(jax.random.key(config.seed), jnp.zeros((1, size, size, 3)))
     loss_fn = autoencoder_stage.make_loss_fn(model, config.autoencoder_loss)
     mesh, state, updates = jax_updater(
-        config, loss_fn, lambda: loop.init_state(variables, optimizer)
+        config, loss_fn, lambda: state_lib.init_state({"vae": variables}, groups), groups
     )
     return mesh, state, updates, {"image": images}, torch_step, agreement
 
@@ -221,7 +221,7 @@ def ldm_contenders(config, rng, with_torch: bool):
         "canonical_ids": tok(captions[b:]),
     }
     empty_ids = tok([""])[0]
-    optimizer = loop.make_optimizer(config.optimizer, config.num_train_steps)
+    groups = state_lib.groups_from_config(config, ("unet", "text_encoder"))
     params, torch_step, agreement = None, None, None
     if with_torch:
         import torch
@@ -278,10 +278,10 @@ def ldm_contenders(config, rng, with_torch: bool):
                     k_unet, jnp.zeros((1, lat, lat, ch)), jnp.zeros((1,)), context
                 ),
             }
-        return loop.init_state(p, optimizer, {"latent_scale": jnp.asarray(1.0)})
+        return state_lib.init_state(p, groups, {"latent_scale": jnp.asarray(1.0)})
 
     loss_fn = ldm_stage.make_loss_fn(ldm, config, empty_ids)
-    mesh, state, updates = jax_updater(config, loss_fn, init_fn)
+    mesh, state, updates = jax_updater(config, loss_fn, init_fn, groups)
     return mesh, state, updates, batch, torch_step, agreement
 
 

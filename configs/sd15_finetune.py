@@ -33,7 +33,7 @@ builds one); it runs in seconds on a CPU. An untuned starting point: no result i
 
 import pathlib
 
-from ldm_jax.config import load_config_file
+from ldm_jax.config import load_config_file, param_groups
 from ldm_jax.data.pipeline import data_config
 
 COMMON = pathlib.Path(__file__).with_name("common.py")
@@ -86,6 +86,7 @@ def get_config(arg=None):
         grad_clip_norm=1.0,
     )
     c.ema_decay = 0.9999  # diffusers' EMAModel default; the loop warms it up as (1+n)/(10+n)
+    c.param_groups = param_groups("unet")  # its own optimizer fields / EMA decay, if set
     c.batch_size = 32  # global
     c.num_train_steps = 15_000
     c.max_consecutive_nonfinite = 3  # skipped non-finite updates in a row before stopping

@@ -7,7 +7,7 @@ Two stages, each one command (this is what `make demo` runs):
       --config.autoencoder_workdir=runs/shapes/autoencoder
 
 A third, optional stage distills the ldm model to fewer steps (one round per command; see
-ldm_jax/train/distill.py and experiments/distillation/):
+ldm_jax/train/objectives/distill.py and experiments/distillation/):
 
   ldm-jax train --config configs/shapes.py:distill --workdir runs/shapes/student_4 \
       --config.distill.teacher_workdir=runs/shapes/ldm --config.distill.student_steps=4
@@ -21,7 +21,7 @@ import pathlib
 
 import ml_collections
 
-from ldm_jax.config import load_config_file
+from ldm_jax.config import load_config_file, param_groups
 from ldm_jax.data import shapes
 
 COMMON = pathlib.Path(__file__).with_name("common.py")
@@ -116,6 +116,10 @@ def get_config(arg=None):
     c.p_uncond = 0.1  # probability of training on the empty prompt (classifier-free guidance)
     c.canonical_caption_prob = 0.5  # else a paraphrase / short form from the dataset
     c.ema_decay = 0.995 if stage == "ldm" else 0.99  # runs are short: a short EMA window
+    # Each trainable group may set its own optimizer fields and EMA decay (None: the above).
+    c.param_groups = param_groups(
+        *(("vae",) if stage == "autoencoder" else ("unet", "text_encoder"))
+    )
 
     c.optimizer = dict(
         learning_rate=2e-3 if stage == "ldm" else 3e-3,
@@ -152,7 +156,7 @@ def get_config(arg=None):
     )
 
     if stage == "distill":
-        # Progressive distillation (ldm_jax/train/distill.py): one round, 2N teacher DDIM steps
+        # Progressive distillation (ldm_jax/train/objectives/distill.py): one round, 2N teacher DDIM steps
         # -> N student steps; the student is sampled without guidance (it is distilled in).
         # student_steps is also the sample grid's step count: one FieldReference, set either.
         steps = ml_collections.FieldReference(4)

@@ -95,3 +95,16 @@ def save_config(config: ml_collections.ConfigDict, path: pathlib.Path) -> None:
 def read_config(path: pathlib.Path) -> ml_collections.ConfigDict:
     """A config saved by `save_config` (as written next to a run's checkpoints)."""
     return ml_collections.ConfigDict(json.loads(pathlib.Path(path).read_text()))
+
+
+def param_groups(*names: str) -> dict:
+    """`config.param_groups` for an objective's trainable groups: per group, the optimizer fields
+    and `ema_decay` that replace `config.optimizer`'s and `config.ema_decay` when set (None: not
+    set), e.g. `--config.param_groups.text_encoder.learning_rate=1e-4`; `ema_decay=0`: no EMA
+    copy of that group."""
+    placeholder = ml_collections.config_dict.placeholder
+    fields = dict(
+        learning_rate=float, warmup_steps=int, lr_schedule=str, b1=float, b2=float,
+        weight_decay=float, ema_decay=float,
+    )  # fmt: skip
+    return {name: {k: placeholder(t) for k, t in fields.items()} for name in names}

@@ -315,15 +315,16 @@ def from_config(config, params: dict | None = None, frozen: dict | None = None) 
 
 def load_run(workdir: str | pathlib.Path, step: int | None = None) -> Model:
     """The EMA parameters of the latest (or given) checkpoint of an `ldm` or `distill` run."""
-    from ldm_jax.runs import open_run
+    from ldm_jax.runs import averaged_params, open_run
 
     config, state, step = open_run(workdir, RUN_STAGES, step, what="sampling")
+    averaged = averaged_params(state)
     if config.stage == "distill" and (root := distilled_from_checkpoint(config)) is not None:
         student = student_of(load_pretrained(root), config)
-        student = student.with_run_params(state["ema_params"], state["frozen"])
+        student = student.with_run_params(averaged, state["frozen"])
         return dataclasses.replace(student, source=str(workdir))
     if config.stage != "finetune":
-        return from_config(config, state["ema_params"], state["frozen"])
+        return from_config(config, averaged, state["frozen"])
     # A fine-tuning run holds the U-Net (and its EMA); the rest is its base, which must be the
     # one it was trained from (checkpoints may leave the frozen weights out).
     base = load(
@@ -347,7 +348,7 @@ def load_run(workdir: str | pathlib.Path, step: int | None = None) -> Model:
     slots = base.text_encoder_slots
     return dataclasses.replace(
         base,
-        unet_params=state["ema_params"],
+        unet_params=averaged["unet"],
         vae_params=frozen["vae"],
         text_encoder_params=tuple(frozen["text_encoders"][s] for s in slots),
         source=str(workdir),

@@ -77,13 +77,32 @@ def open_run(
     workdir, stages: Sequence[str] | None = None, step: int | None = None, what="a training run"
 ):
     """(config, raw state dict, step) of the latest (or given) checkpoint of a run; the state's
-    leaves are host arrays (`Checkpointer.restore_raw`)."""
+    leaves are host arrays (`Checkpointer.restore_raw`), its params and EMA by parameter group
+    (`averaged_params` reads them), whichever layout the checkpoint has."""
     config = read_run_config(workdir, stages, what)
     checkpointer = Checkpointer(pathlib.Path(workdir), read_only=True)
     step = checkpointer.latest_step() if step is None else step
     if step is None:
         raise NoCheckpointError(f"no checkpoint in {pathlib.Path(workdir) / 'checkpoints'}")
-    return config, checkpointer.restore_raw(step), step
+    state = checkpointer.restore_raw(step)
+    group = LEGACY_SINGLE_GROUP.get(config.stage)
+    if group is not None and checkpointer.read_meta(step).get("state_layout") is None:
+        state = {**state, "params": {group: state["params"]}}
+        state["ema_params"] = {group: state["ema_params"]}
+    return config, state, step
+
+
+# Stages whose checkpoints, before parameter groups (meta "state_layout" 2), held their one
+# trainable group's tree itself rather than {group: tree}; the ldm and distill stages' were
+# already {"unet", "text_encoder"}.
+LEGACY_SINGLE_GROUP = {"autoencoder": "vae", "finetune": "unet"}
+
+
+def averaged_params(state: dict) -> dict:
+    """{group: EMA parameters, or the parameters of a group trained without EMA} of a raw
+    state (`open_run`)."""
+    ema = state.get("ema_params") or {}
+    return {g: ema.get(g, p) for g, p in state["params"].items()}
 
 
 class Checkpointer:

@@ -28,7 +28,8 @@ from ldm_jax.data.pipeline import (
     load_dataset,
 )
 from ldm_jax.runs import params_fingerprint
-from ldm_jax.train import autoencoder, ldm
+from ldm_jax.train import trainer
+from ldm_jax.train.objectives import autoencoder, ldm
 
 CONFIGS = REPO / "configs"
 SIZE = 16  # pixels per side of the local collection's examples
@@ -318,7 +319,7 @@ def autoencoder_run(tmp_path_factory):
     from ldm_jax.config import save_config
     from ldm_jax.models.builders import build_autoencoder
     from ldm_jax.runs import Checkpointer
-    from ldm_jax.train import loop
+    from ldm_jax.train import state as state_lib
 
     root = tmp_path_factory.mktemp("latents")
     config = load_config(
@@ -326,11 +327,12 @@ def autoencoder_run(tmp_path_factory):
     )
     vae = build_autoencoder(config)
     params = jax.jit(vae.init)(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
-    state = loop.init_state(params, loop.make_optimizer(config.optimizer, 1))
+    state = state_lib.init_state({"vae": params}, state_lib.groups_from_config(config, ("vae",)))
     (root / "ae").mkdir()
     save_config(config, root / "ae" / "config.json")
     checkpointer = Checkpointer(root / "ae")
-    checkpointer.save(1, state, {"signature": autoencoder.signature(config)}, force=True)
+    meta = {"signature": autoencoder.signature(config), "state_layout": state_lib.STATE_LAYOUT}
+    checkpointer.save(1, state, meta, force=True)
     checkpointer.close()
     return root / "tfds", root / "ae"
 
@@ -401,7 +403,7 @@ def test_precomputed_latents_give_the_same_first_step_loss(encoded, tmp_path, mo
     )
     losses = {}
     for name, latents_dir in (("images", ""), ("latents", out)):
-        ldm.train_and_evaluate(_ldm_config(data_dir, ae, latents_dir), tmp_path / name)
+        trainer.train_and_evaluate(_ldm_config(data_dir, ae, latents_dir), tmp_path / name)
         (row,) = [
             json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()
         ]

@@ -24,7 +24,7 @@ from ldm_jax.config import load_config
 from ldm_jax.convert import load_pretrained
 from ldm_jax.data import caption_batches
 from ldm_jax.runs import Checkpointer, params_fingerprint
-from ldm_jax.train import finetune
+from ldm_jax.train.objectives import finetune
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
@@ -149,8 +149,8 @@ def test_sd15_finetune_trains_only_the_unet_and_resumes(sd15_run, checkpoints):
     assert not last.get("frozen")
     meta = Checkpointer(workdir, read_only=True).read_meta(3)
     assert meta["frozen_fingerprint"] == params_fingerprint(finetune.frozen_params(original))
-    _assert_trees(last["params"], original.unet_params, equal=False)
-    _assert_trees(last["ema_params"], original.unet_params, equal=False)
+    _assert_trees(last["params"]["unet"], original.unet_params, equal=False)
+    _assert_trees(last["ema_params"]["unet"], original.unet_params, equal=False)
     assert (workdir / "samples" / "step_000003.png").exists()  # EMA U-Net through generate
 
 
@@ -160,7 +160,7 @@ def test_sd15_export_loads_in_ldm_jax_and_diffusers(sd15_run, checkpoints):
     export = workdir / "export"
     ours = load_pretrained(export)
     assert ours.kind == "sd1"
-    _assert_trees(ours.unet_params, last["ema_params"], equal=True)  # export_ema=True
+    _assert_trees(ours.unet_params, last["ema_params"]["unet"], equal=True)  # export_ema=True
     original = load_pretrained(checkpoints["sd15"][0])
     _assert_trees(ours.vae_params, original.vae_params, equal=True)
     _assert_trees(ours.text_encoder_params, original.text_encoder_params, equal=True)
@@ -178,7 +178,7 @@ def test_sd15_export_loads_in_ldm_jax_and_diffusers(sd15_run, checkpoints):
     np.testing.assert_allclose(np.asarray(got), expected, atol=1e-4)
     # export_checkpoint: the same folder from a checkpoint, here with the trained weights.
     raw = finetune.export_checkpoint(workdir, workdir / "export_raw", ema=False)
-    _assert_trees(load_pretrained(raw).unet_params, last["params"], equal=True)
+    _assert_trees(load_pretrained(raw).unet_params, last["params"]["unet"], equal=True)
 
 
 @pytest.mark.slow
@@ -217,10 +217,10 @@ def test_sdxl_finetune_end_to_end(tmp_path, checkpoints, photos):
     original = load_pretrained(folder)
     state = Checkpointer(workdir, read_only=True).restore_raw(2)
     assert not state.get("frozen")
-    _assert_trees(state["params"], original.unet_params, equal=False)
+    _assert_trees(state["params"]["unet"], original.unet_params, equal=False)
     exported = load_pretrained(workdir / "export")
     assert exported.kind == "sdxl"
-    _assert_trees(exported.unet_params, state["ema_params"], equal=True)
+    _assert_trees(exported.unet_params, state["ema_params"]["unet"], equal=True)
     _assert_trees(exported.vae_params, original.vae_params, equal=True)
     _assert_trees(exported.text_encoder_params, original.text_encoder_params, equal=True)
     pipe = diffusers.StableDiffusionXLPipeline.from_pretrained(workdir / "export")

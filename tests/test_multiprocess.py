@@ -19,7 +19,7 @@ from conftest import FAST_COMPILE_XLA_FLAGS, REPO
 from ldm_jax.config import load_config
 from ldm_jax.data.pipeline import StepIndexedBatches, load_dataset
 from ldm_jax.runs import Checkpointer
-from ldm_jax.train import autoencoder
+from ldm_jax.train import trainer
 
 SHAPES = str(REPO / "configs" / "shapes.py")
 STEPS = 4
@@ -97,7 +97,7 @@ def test_two_processes_train_agree_and_write_a_checkpoint_one_process_restores(d
         SHAPES + ":autoencoder,smoke",
         [f"{k}={v}" for k, v in {"data.data_dir": data_dir, **FIELDS}.items()],
     )
-    reference = autoencoder.train_and_evaluate(config, tmp_path / "single")
+    reference = trainer.train_and_evaluate(config, tmp_path / "single")
     checkpointer = Checkpointer(workdir, read_only=True)
     assert checkpointer.manager.all_steps() == [2, 4]
     restored = checkpointer.restore_raw(STEPS)

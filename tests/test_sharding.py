@@ -18,7 +18,8 @@ from ldm_jax.data.pipeline import StepIndexedBatches
 from ldm_jax.models.axes import logical_axes
 from ldm_jax.models.clip import CLIPTextTransformer
 from ldm_jax.models.unet import UNet2DConditionModel, unet_from_variant
-from ldm_jax.train import ldm, loop
+from ldm_jax.train import state as state_lib
+from ldm_jax.train.objectives import ldm
 
 SHAPES = str(REPO / "configs" / "shapes.py")
 TINY_UNET = dict(
@@ -154,17 +155,18 @@ def test_gradient_accumulation_equals_one_big_batch():
 
     def loss_fn(params, frozen, batch, rng):
         del frozen, rng
-        err = batch["x"] @ params["w"] + params["b"] - batch["y"]
+        err = batch["x"] @ params["linear"]["w"] + params["linear"]["b"] - batch["y"]
         return jnp.mean(err**2), {"mean_abs": jnp.mean(jnp.abs(err))}
 
     mesh = sharding_lib.make_mesh({"data": -1})
-    optimizer = optax.adam(1e-2)
+    groups = {"linear": state_lib.ParamGroup(optax.adam(1e-2), 0.9)}
+    params = {"linear": params}
     results = {}
     for k in (1, 2, 4):
         update = jax.jit(
-            loop.make_update_fn(loss_fn, optimizer, 0.9, 0, grad_accum_steps=k, mesh=mesh)
+            state_lib.make_update_fn(loss_fn, groups, 0, grad_accum_steps=k, mesh=mesh)
         )
-        state = loop.init_state(params, optimizer)
+        state = state_lib.init_state(params, groups)
         for _ in range(3):
             state, metrics = update(state, sharding_lib.global_batch(mesh, batch))
         results[k] = (state, metrics)
@@ -176,8 +178,8 @@ def test_gradient_accumulation_equals_one_big_batch():
         ):
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="does not split into grad_accum_steps=3"):
-        loop.make_update_fn(loss_fn, optimizer, 0.9, 0, grad_accum_steps=3)(
-            loop.init_state(params, optimizer), batch
+        state_lib.make_update_fn(loss_fn, groups, 0, grad_accum_steps=3)(
+            state_lib.init_state(params, groups), batch
         )
 
 
@@ -232,7 +234,7 @@ def restores_the_partitioner():
 
 @pytest.mark.slow
 def test_same_five_steps_on_one_and_eight_devices(restores_the_partitioner):
-    """Acceptance test of issue 5: the trainers' update step (`loop.jit_update_fn`, as
+    """Acceptance test of issue 5: the trainers' update step (`state.jit_update_fn`, as
     `loop.run` compiles it) on the LDM smoke model and loss, 5 steps from the same state and
     batches on 1 device and on 8 simulated devices laid out data x fsdp and data x fsdp x
     tensor: the same losses and parameters within float32 round-off. (Checkpoints and data
@@ -251,7 +253,7 @@ def test_same_five_steps_on_one_and_eight_devices(restores_the_partitioner):
     }
     batches = StepIndexedBatches(arrays, config.batch_size, config.seed)
     loss_fn = ldm.make_loss_fn(model, config, model.tokenizers[0]([""])[0])
-    optimizer = loop.make_optimizer(config.optimizer, config.num_train_steps)
+    groups = state_lib.groups_from_config(config, ("unet", "text_encoder"))
 
     @jax.jit
     def init():
@@ -262,7 +264,7 @@ def test_same_five_steps_on_one_and_eight_devices(restores_the_partitioner):
             "text_encoder": model.text_encoders[0].init(k_text, ids),
             "unet": model.unet.init(k_unet, jnp.zeros((1, lat, lat, ch)), jnp.zeros((1,)), context),
         }
-        return loop.init_state(params, optimizer, {"latent_scale": jnp.float32(0.9)})
+        return state_lib.init_state(params, groups, {"latent_scale": jnp.float32(0.9)})
 
     initial = jax.device_get(init())  # on the host: each layout starts from the same values
     layouts = {  # the last switches the process to GSPMD (avoid_shardy_conv_gradient_bug)
@@ -274,7 +276,9 @@ def test_same_five_steps_on_one_and_eight_devices(restores_the_partitioner):
     for name, layout in layouts.items():
         mesh = sharding_lib.make_mesh(layout, num_devices=int(np.prod(list(layout.values()))))
         shardings = sharding_lib.tree_shardings(initial, mesh)
-        update = loop.jit_update_fn(config, loss_fn, mesh, sharding_lib.DEFAULT_RULES, shardings)
+        update = state_lib.jit_update_fn(
+            config, loss_fn, groups, mesh, sharding_lib.DEFAULT_RULES, shardings
+        )
         state, losses = jax.device_put(initial, shardings), []
         for step in range(5):
             state, metrics = update(state, sharding_lib.global_batch(mesh, batches[step]))
@@ -315,17 +319,22 @@ def test_cpu_compiler_options_reach_the_update_steps_compilation():
     def loss_fn(params, frozen, batch, rng):
         return jnp.mean((params["w"] * batch["x"]) ** 2), {}
 
-    initial = loop.init_state({"w": jnp.ones(3)}, loop.make_optimizer(config.optimizer, 10), {})
+    groups = {"w": state_lib.ParamGroup(state_lib.make_optimizer(config.optimizer, 10), 0.99)}
+    initial = state_lib.init_state({"w": jnp.ones(3)}, groups, {})
     shardings = sharding_lib.tree_shardings(initial, mesh)
     batch = sharding_lib.global_batch(mesh, {"x": np.ones((4, 3), np.float32)})
     # init_state's EMA starts as the parameters' own buffers; the step donates its state, so
     # each call gets copies.
     fresh = lambda: jax.tree.map(jnp.copy, jax.device_put(initial, shardings))
-    update = loop.jit_update_fn(config, loss_fn, mesh, sharding_lib.DEFAULT_RULES, shardings)
+    update = state_lib.jit_update_fn(
+        config, loss_fn, groups, mesh, sharding_lib.DEFAULT_RULES, shardings
+    )
     _, metrics = update(fresh(), batch)
     assert bool(metrics["finite"])
     config.cpu_compiler_options = {"xla_no_such_option": True}
-    update = loop.jit_update_fn(config, loss_fn, mesh, sharding_lib.DEFAULT_RULES, shardings)
+    update = state_lib.jit_update_fn(
+        config, loss_fn, groups, mesh, sharding_lib.DEFAULT_RULES, shardings
+    )
     with pytest.raises(Exception, match="xla_no_such_option"):
         update(fresh(), batch)
 

@@ -22,7 +22,9 @@ from ldm_jax.data.pipeline import StepIndexedBatches
 from ldm_jax.model import load_run
 from ldm_jax.pipeline import generate
 from ldm_jax.runs import Checkpointer
-from ldm_jax.train import autoencoder, ldm, loop
+from ldm_jax.train import loop, trainer
+from ldm_jax.train import state as state_lib
+from ldm_jax.train.objectives import ldm
 
 SHAPES = str(REPO / "configs" / "shapes.py")
 
@@ -341,15 +343,15 @@ def _ae_config(data_dir, **overrides):
 
 def test_resume_gives_the_same_next_step_loss(data_dir, tmp_path, monkeypatch):
     config = _ae_config(data_dir)
-    straight = autoencoder.train_and_evaluate(config, tmp_path / "straight")
+    straight = trainer.train_and_evaluate(config, tmp_path / "straight")
 
     _patch_batches(monkeypatch, fail_at=4)
     # Dies before the 5th update: step 4 is logged, the last checkpoint is step 3, so the
     # resumed run redoes step 4 (and its log row replaces the lost one).
     with pytest.raises(_Interrupt):
-        autoencoder.train_and_evaluate(config, tmp_path / "resumed")
+        trainer.train_and_evaluate(config, tmp_path / "resumed")
     monkeypatch.undo()
-    resumed = autoencoder.train_and_evaluate(config, tmp_path / "resumed")
+    resumed = trainer.train_and_evaluate(config, tmp_path / "resumed")
 
     a, b = _metrics(tmp_path / "straight"), _metrics(tmp_path / "resumed")
     assert [r["step"] for r in b] == [1, 2, 3, 4, 5, 6]  # no gap, no duplicate
@@ -364,7 +366,7 @@ def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_p
     config = _ae_config(data_dir)
     _patch_batches(monkeypatch, nan_at=4)
     with pytest.raises(loop.NonFiniteLossError, match="step 4.*last good checkpoint"):
-        autoencoder.train_and_evaluate(config, tmp_path)
+        trainer.train_and_evaluate(config, tmp_path)
     checkpointer = Checkpointer(tmp_path, read_only=True)
     assert checkpointer.latest_step() == 3
     state = checkpointer.restore_raw(3)
@@ -383,7 +385,8 @@ def test_update_lowers_the_ldm_loss_on_a_fixed_batch():
         "canonical_ids": ids,
     }
     loss_fn = ldm.make_loss_fn(model, config, model.tokenizers[0]([""])[0])
-    optimizer = loop.make_optimizer(config.optimizer, 40)
+    config.num_train_steps = 40  # (the learning rate schedule's length)
+    groups = state_lib.groups_from_config(config, ("unet", "text_encoder"))
     k1, k2 = jax.random.split(jax.random.key(0))
 
     @jax.jit  # (jitted: op-by-op initialization compiles every op on its own, ~4x slower)
@@ -394,8 +397,8 @@ def test_update_lowers_the_ldm_loss_on_a_fixed_batch():
         text_encoder = model.text_encoders[0].init(k2, jnp.zeros((1, length), jnp.int32))
         return {"unet": unet, "text_encoder": text_encoder}
 
-    state = loop.init_state(init(), optimizer, frozen={"latent_scale": jnp.float32(1.0)})
-    update = jax.jit(loop.make_update_fn(loss_fn, optimizer, 0.999, seed=0))
+    state = state_lib.init_state(init(), groups, frozen={"latent_scale": jnp.float32(1.0)})
+    update = jax.jit(state_lib.make_update_fn(loss_fn, groups, seed=0))
     fixed = jax.random.key(123)  # the same noise and timesteps before and after
     eval_loss = jax.jit(lambda state: loss_fn(state.params, state.frozen, batch, fixed)[0])
     before = float(eval_loss(state))
@@ -408,8 +411,8 @@ def test_update_lowers_the_ldm_loss_on_a_fixed_batch():
 
 def test_import_ldm_jax_is_light():
     code = (
-        "import sys, ldm_jax, ldm_jax.cli, ldm_jax.pipeline, ldm_jax.train.ldm, "
-        "ldm_jax.train.autoencoder, ldm_jax.eval.adherence; "
+        "import sys, ldm_jax, ldm_jax.cli, ldm_jax.pipeline, ldm_jax.train.objectives.ldm, "
+        "ldm_jax.train.objectives.autoencoder, ldm_jax.eval.adherence; "
         "print(sorted(m for m in ('tensorflow', 'wandb', 'torch') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 from ldm_jax.config import load_config
 from ldm_jax.eval import adherence
 from ldm_jax.model import load_run
-from ldm_jax.train import distill
+from ldm_jax.train import trainer
 
 CONFIG = pathlib.Path(__file__).resolve().parents[2] / "configs" / "shapes.py"
 COLUMNS = ("color", "shape", "color_and_shape", "position")
@@ -46,7 +46,7 @@ def distill_rounds(teacher, out: pathlib.Path, rounds: int, steps_per_round: int
             ],
         )
         start = time.perf_counter()
-        distill.train_and_evaluate(config, workdir)
+        trainer.train_and_evaluate(config, workdir)
         done.append((steps, workdir, time.perf_counter() - start))
         teacher = workdir
     return done

@@ -27,7 +27,7 @@ def run(args, overrides):
     config = load_config(args.config, overrides)
     start = time.perf_counter()
     if config.stage == "finetune":  # the VAE of config.pretrained; its train split
-        from ldm_jax.train import finetune
+        from ldm_jax.train.objectives import finetune
 
         if args.workdir or args.split != "train":
             raise ValueError(

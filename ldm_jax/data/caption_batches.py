@@ -1,4 +1,4 @@
-"""What a fine-tuning step reads (`ldm_jax.train.finetune`): examples by step, as
+"""What a fine-tuning step reads (`ldm_jax.train.objectives.finetune`): examples by step, as
 `StepIndexedBatches` make them (a pure function of (seed, step)), with
 
 - images: center crops as prepared, or (`data.random_crop`) a random crop of each stored

@@ -10,7 +10,7 @@ et al. 2022, as `ldm.encode_dataset` does in memory) and the captions' token ids
 Token ids rather than text embeddings: the ldm stage trains its text encoder jointly with the U-Net
 (as LDM's text-to-image model did), so embeddings computed now would be stale after one step. A
 frozen text encoder (fine-tuning a pretrained model) could store embeddings instead; not done here.
-The finetune stage writes its own columns through the same writer (`ldm_jax.train.finetune`:
+The finetune stage writes its own columns through the same writer (`ldm_jax.train.objectives.finetune`:
 the checkpoint's VAE, flipped images too, captions as text).
 
 The arrays are written as .npy files (memory-mapped, so the encoder streams over the dataset),
@@ -55,11 +55,11 @@ def latent_scale(latent_mean, latent_std, seed: int, max_examples: int = MAX_SCA
 
 def load_vae(workdir: str | os.PathLike):
     """(run config, VAE params) of an `autoencoder` run (EMA weights) or an `ldm` run (its VAE)."""
-    from ldm_jax.runs import open_run
+    from ldm_jax.runs import averaged_params, open_run
 
     run_config, state, _ = open_run(workdir, ("autoencoder", "ldm"), what="encoding")
     if run_config.stage == "autoencoder":
-        return run_config, state["ema_params"]
+        return run_config, averaged_params(state)["vae"]
     return run_config, state["frozen"]["vae"]
 
 

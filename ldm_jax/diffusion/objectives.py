@@ -105,8 +105,8 @@ def denoising_loss(
     `noise`, the network's output at (x_t, t as float32) against its target.
 
     apply_fn(x_t, t) -> output: the network with its conditioning bound (text, micro-
-    conditioning, dropout rng). The one loss of training from scratch (`train/ldm.py`) and
-    fine-tuning (`train/finetune.py`); progressive distillation regresses its own target with
+    conditioning, dropout rng). The one loss of training from scratch (`train/objectives/ldm.py`) and
+    fine-tuning (`train/objectives/finetune.py`); progressive distillation regresses its own target with
     `weighted_mse`. Returns (loss, {"mse"})."""
     alpha_bar = alphas_cumprod[t]
     pred = apply_fn(add_noise(x0, noise, alpha_bar), t.astype(jnp.float32))

@@ -21,7 +21,7 @@ from ldm_jax.data.pipeline import StepIndexedBatches, load_dataset
 from ldm_jax.models.builders import autoencoder_signature as signature
 from ldm_jax.models.builders import build_autoencoder
 from ldm_jax.models.vae import AutoencoderKL
-from ldm_jax.train import loop
+from ldm_jax.train.objectives import Task
 
 log = logging.getLogger("ldm_jax")
 
@@ -37,7 +37,9 @@ def make_loss_fn(model: AutoencoderKL, loss_config):
         )
 
     def loss_fn(params, frozen, batch, rng):
+        """params: {"vae": the VAE's variables}."""
         del frozen
+        params = params["vae"]
         x = batch["image"].astype(jnp.float32) / 127.5 - 1.0
         posterior = model.apply(params, x, method=model.encode)
         recon = model.apply(params, posterior.sample(rng), method=model.decode)
@@ -50,18 +52,18 @@ def make_loss_fn(model: AutoencoderKL, loss_config):
     return loss_fn
 
 
-def train_and_evaluate(config, workdir: str | pathlib.Path) -> loop.TrainState:
+def build(config, workdir: str | pathlib.Path) -> Task:
+    """The VAE as one trainable group, "vae"; nothing frozen."""
     workdir = pathlib.Path(workdir)
     data = load_dataset(config)
     batches = StepIndexedBatches({"image": data["image"]}, config.batch_size, config.seed)
     model = build_autoencoder(config)
     size = config.data.image_size
-    optimizer = loop.make_optimizer(config.optimizer, config.num_train_steps)
 
     def init_fn():
         x = jnp.zeros((1, size, size, 3), jnp.float32)
         params = model.init(jax.random.key(config.seed), x)  # the full forward: encoder + decoder
-        return loop.init_state(params, optimizer)
+        return {"vae": params}, None
 
     test = load_dataset(config, "test")["image"][:16]
     reconstruct = jax.jit(
@@ -71,16 +73,15 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> loop.TrainState:
     )
 
     def on_sample(step, state):
-        recon = image_lib.to_uint8(reconstruct(state.ema_params, image_lib.to_model_range(test)))
+        params = state.averaged()["vae"]
+        recon = image_lib.to_uint8(reconstruct(params, image_lib.to_model_range(test)))
         grid = image_lib.make_grid(np.concatenate([test, recon]), ncols=16)
         return image_lib.save_png(grid, workdir / "samples" / f"reconstructions_{step:06d}.png", 4)
 
-    loss_fn = make_loss_fn(model, config.autoencoder_loss)
-    return loop.run(
-        config,
-        workdir,
+    return Task(
+        groups=("vae",),
         init_fn=init_fn,
-        loss_fn=loss_fn,
+        phases=make_loss_fn(model, config.autoencoder_loss),
         batches=batches,
         signature=signature(config),
         on_sample=on_sample,

@@ -84,8 +84,8 @@ from ldm_jax.diffusion.objectives import PREDICTION_TYPES, denoising_loss
 from ldm_jax.diffusion.schedules import NoiseSchedule
 from ldm_jax.model import encode_prompt
 from ldm_jax.pipeline import generate
-from ldm_jax.runs import Checkpointer, params_fingerprint, read_run_config
-from ldm_jax.train import loop
+from ldm_jax.runs import Checkpointer, averaged_params, open_run, params_fingerprint
+from ldm_jax.train.objectives import Task
 
 log = logging.getLogger("ldm_jax")
 
@@ -158,7 +158,7 @@ def signature(model) -> dict:
     """What fixes the shapes of the train state: the architectures of all four components (of
     a run trained here: its config's model fields, its tokenizer having no transformers form)."""
     if model.kind == model_lib.RUN_KIND:
-        from ldm_jax.train import ldm as ldm_stage
+        from ldm_jax.train.objectives import ldm as ldm_stage
 
         return {"kind": model.kind, "run": ldm_stage.signature(model.config)}
     return {
@@ -332,7 +332,7 @@ def make_loss_fn(objective: Objective):
 
     def loss_fn(params, frozen, batch, rng):
         draws = sample_draws(objective, rng, batch["input_ids"][0].shape[0])
-        return loss_with_draws(objective, params, frozen, batch, draws)
+        return loss_with_draws(objective, params["unet"], frozen, batch, draws)
 
     return loss_fn
 
@@ -348,7 +348,7 @@ def make_on_sample(config, model, workdir: pathlib.Path):
         if not prompts:
             return None
         images = generate(
-            with_params(model, state.ema_params, state.frozen),
+            with_params(model, state.averaged()["unet"], state.frozen),
             prompts,
             num_inference_steps=config.sample.num_inference_steps,
             guidance_scale=config.sample.guidance_scale,
@@ -389,12 +389,8 @@ def export_checkpoint(
     """The latest checkpoint of a fine-tuning run as a diffusers folder (default
     `<workdir>/export`); its EMA U-Net unless ema=False."""
     workdir = pathlib.Path(workdir)
-    config = read_run_config(workdir, ("finetune",), what="export")
+    config, state, step = open_run(workdir, ("finetune",), what="export")
     checkpointer = Checkpointer(workdir, read_only=True)
-    step = checkpointer.latest_step()
-    if step is None:
-        raise FileNotFoundError(f"no checkpoint in {checkpointer.directory}")
-    state = checkpointer.restore_raw(step)
     model = load_model(config)
     frozen = state.get("frozen")
     if not frozen:  # left out of the checkpoint: the pretrained checkpoint's, if unchanged
@@ -405,9 +401,8 @@ def export_checkpoint(
                 f"{config.pretrained} no longer holds the VAE and text encoder(s) that {workdir} "
                 f"was trained with (fingerprint {saved}); point --config.pretrained at those"
             )
-    path = export(
-        model, state["ema_params" if ema else "params"], frozen, out or workdir / "export"
-    )
+    unet_params = (averaged_params(state) if ema else state["params"])["unet"]
+    path = export(model, unet_params, frozen, out or workdir / "export")
     log.info("exported step %d of %s to %s", step, workdir, path)
     return path
 
@@ -415,7 +410,10 @@ def export_checkpoint(
 # --- Training ------------------------------------------------------------------------------------
 
 
-def train_and_evaluate(config, workdir: str | pathlib.Path) -> loop.TrainState:
+def build(config, workdir: str | pathlib.Path) -> Task:
+    """The trainable group "unet"; frozen: the VAE and text encoder(s), left out of checkpoints
+    (a resume reads them from config.pretrained again, checked by fingerprint). At the end the
+    EMA U-Net of a checkpoint's fine-tuning is exported as a diffusers folder."""
     workdir = pathlib.Path(workdir)
     model = load_model(config)
     objective = make_objective(config, model)
@@ -423,8 +421,7 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> loop.TrainState:
     # --- Data: images and token ids by (seed, step); decoded, encoded and noised in the step. ---
     batches = make_batches(config, model)
 
-    # --- Model and optimizer: the U-Net trains, the VAE and text encoders ride in `frozen`. ---
-    optimizer = loop.make_optimizer(config.optimizer, config.num_train_steps)
+    # --- Model: the U-Net trains, the VAE and text encoders ride in `frozen`. ---
     pretrained = jax.tree.map(np.asarray, (model.unet_params, frozen_params(model)))
     # Checkpoints leave the frozen weights out (6% of an SD1.5 checkpoint, 8% of an SDXL one:
     # VAE and text encoders next to the U-Net's parameters, EMA and two AdamW moments); a resume
@@ -432,31 +429,31 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> loop.TrainState:
     frozen_fingerprint = params_fingerprint(pretrained[1])
 
     def init_fn(unet_params, frozen):
-        return loop.init_state(unet_params, optimizer, frozen)
+        return {"unet": unet_params}, frozen
 
-    state = loop.run(
-        config,
-        workdir,
+    def finish(state):
+        # --- Export: a diffusers folder with the fine-tuned (EMA) U-Net. ---
+        if model.kind == model_lib.RUN_KIND:  # no diffusers layout for its tokenizer and configs
+            log.info("sample the fine-tuned model with `ldm-jax sample --workdir %s`", workdir)
+            return
+        unet_params = (state.averaged() if config.export_ema else state.params)["unet"]
+        path = export(model, unet_params, state.frozen, workdir / "export")
+        log.info(
+            "exported the %s U-Net of step %d to %s (ldm-jax sample --pretrained %s)",
+            "EMA" if config.export_ema else "trained",
+            int(state.step),
+            path,
+            path,
+        )
+
+    return Task(
+        groups=("unet",),
         init_fn=init_fn,
         init_args=pretrained,
-        loss_fn=make_loss_fn(objective),
+        phases=make_loss_fn(objective),
         batches=batches,
         signature=signature(model),
         on_sample=make_on_sample(config, model, workdir),
         frozen_fingerprint=frozen_fingerprint,
+        finish=finish,
     )
-
-    # --- Export: a diffusers folder with the fine-tuned (EMA) U-Net. ---
-    if model.kind == model_lib.RUN_KIND:  # no diffusers layout for its tokenizer and configs
-        log.info("sample the fine-tuned model with `ldm-jax sample --workdir %s`", workdir)
-        return state
-    unet_params = state.ema_params if config.export_ema else state.params
-    path = export(model, unet_params, state.frozen, workdir / "export")
-    log.info(
-        "exported the %s U-Net of step %d to %s (ldm-jax sample --pretrained %s)",
-        "EMA" if config.export_ema else "trained",
-        int(state.step),
-        path,
-        path,
-    )
-    return state

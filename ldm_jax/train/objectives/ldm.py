@@ -32,9 +32,9 @@ from ldm_jax.diffusion.objectives import denoising_loss
 from ldm_jax.model import Model
 from ldm_jax.models.builders import latent_size
 from ldm_jax.pipeline import generate
-from ldm_jax.runs import as_json, open_run
-from ldm_jax.train import autoencoder as autoencoder_stage
-from ldm_jax.train import loop
+from ldm_jax.runs import as_json, averaged_params, open_run
+from ldm_jax.train.objectives import Task
+from ldm_jax.train.objectives import autoencoder as autoencoder_stage
 
 log = logging.getLogger("ldm_jax")
 
@@ -66,7 +66,7 @@ def load_autoencoder(config):
         raise ValueError(
             f"the autoencoder in {ae_dir} ({have}) does not match this config ({want})"
         )
-    return state["ema_params"]
+    return averaged_params(state)["vae"]
 
 
 def autoencoder_cpu_options(config) -> dict | None:
@@ -158,7 +158,7 @@ def sample_grid_fn(model: Model, config, workdir: pathlib.Path):
     prompts = list(config.sample.prompts)
 
     def on_sample(step, state):
-        current = model.with_run_params(state.ema_params, state.frozen)
+        current = model.with_run_params(state.averaged(), state.frozen)
         images = generate(current, prompts, seed=0, batch_size=len(prompts))
         grid = image_lib.make_grid(images, ncols=len(prompts))
         return image_lib.save_png(grid, workdir / "samples" / f"step_{step:06d}.png", 4)
@@ -166,7 +166,9 @@ def sample_grid_fn(model: Model, config, workdir: pathlib.Path):
     return on_sample
 
 
-def train_and_evaluate(config, workdir: str | pathlib.Path) -> loop.TrainState:
+def build(config, workdir: str | pathlib.Path) -> Task:
+    """Trainable groups "unet" and "text_encoder"; frozen: the stage-1 VAE and the latent scale
+    (kept in the checkpoints, so a run samples without the autoencoder's directory)."""
     workdir = pathlib.Path(workdir)
     ldm = model_lib.from_config(config)
     vae_params = load_autoencoder(config)
@@ -180,8 +182,7 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> loop.TrainState:
     batches = StepIndexedBatches(arrays, config.batch_size, config.seed)
     empty_ids = ldm.tokenizers[0]([""])[0]
 
-    # --- Model and optimizer. ---
-    optimizer = loop.make_optimizer(config.optimizer, config.num_train_steps)
+    # --- Model. ---
     lat, ch = latent_size(config), config.autoencoder.latent_channels
 
     def init_fn():
@@ -191,15 +192,12 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> loop.TrainState:
         context = jnp.zeros((1, ldm.tokenizers[0].context_length, config.text_encoder.hidden_size))
         unet_params = ldm.unet.init(k_unet, jnp.zeros((1, lat, lat, ch)), jnp.zeros((1,)), context)
         frozen = {"vae": vae_params, "latent_scale": jnp.asarray(latent_scale)}
-        return loop.init_state(
-            {"unet": unet_params, "text_encoder": text_params}, optimizer, frozen
-        )
+        return {"unet": unet_params, "text_encoder": text_params}, frozen
 
-    return loop.run(
-        config,
-        workdir,
+    return Task(
+        groups=("unet", "text_encoder"),
         init_fn=init_fn,
-        loss_fn=make_loss_fn(ldm, config, empty_ids),
+        phases=make_loss_fn(ldm, config, empty_ids),
         batches=batches,
         signature=signature(config),
         on_sample=sample_grid_fn(ldm, config, workdir),

@@ -34,8 +34,8 @@ from ldm_jax.diffusion.guidance import classifier_free_guidance
 from ldm_jax.diffusion.objectives import add_noise, training_target, weighted_mse
 from ldm_jax.model import Model
 from ldm_jax.runs import as_json, read_run_config
-from ldm_jax.train import ldm as ldm_stage
-from ldm_jax.train import loop
+from ldm_jax.train.objectives import Task
+from ldm_jax.train.objectives import ldm as ldm_stage
 
 log = logging.getLogger("ldm_jax")
 
@@ -146,7 +146,9 @@ def make_loss_fn(student: Model, teacher: Model, config, guidance: float):
     return loss_fn
 
 
-def train_and_evaluate(config, workdir: str | pathlib.Path) -> loop.TrainState:
+def build(config, workdir: str | pathlib.Path) -> Task:
+    """The student's groups "unet" and "text_encoder", starting as the teacher's; frozen: the
+    teacher, its VAE and latent scale."""
     workdir = pathlib.Path(workdir)
     teacher_dir = pathlib.Path(config.distill.teacher_workdir or ".")
     if teacher_dir.exists() and workdir.resolve() == teacher_dir.resolve():
@@ -173,18 +175,15 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> loop.TrainState:
 
     # --- Student = a copy of the teacher. The teacher rides in `frozen`, so a checkpoint holds
     # it too (a model trained here is small) and a resumed round keeps the teacher it began with.
-    optimizer = loop.make_optimizer(config.optimizer, config.num_train_steps)
-
     def init_fn(teacher_params, vae):
         frozen = {"vae": vae["vae"], "latent_scale": vae["latent_scale"], "teacher": teacher_params}
-        return loop.init_state(teacher_params, optimizer, frozen)
+        return dict(teacher_params), frozen
 
-    return loop.run(
-        config,
-        workdir,
+    return Task(
+        groups=("unet", "text_encoder"),
         init_fn=init_fn,
         init_args=(teacher_params, vae),
-        loss_fn=make_loss_fn(student, teacher, config, guidance),
+        phases=make_loss_fn(student, teacher, config, guidance),
         batches=batches,
         signature=signature(config, teacher),
         on_sample=ldm_stage.sample_grid_fn(student, config, workdir),
