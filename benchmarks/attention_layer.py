@@ -7,7 +7,7 @@ The default shape is SD1.5's largest self-attention at 512 px: batch 2, 64x64 = 
         --impls xla,chunked:256x512,chunked:128x4096,chunked:512x512 --torch
 
 An implementation is "xla", "cudnn" (GPU, bf16/fp16), "auto", or "chunked[:QxK]" with query and
-key block sizes (default: ldm_jax.models.layers.QUERY_CHUNK_SIZE x KEY_CHUNK_SIZE).
+key block sizes (default: ldm_jax.models.attention.QUERY_CHUNK_SIZE x KEY_CHUNK_SIZE).
 """
 
 from __future__ import annotations
@@ -27,23 +27,23 @@ import jax.numpy as jnp
 import numpy as np
 from timing import interleaved_times, summary, thread_report
 
-from ldm_jax.models import layers
+from ldm_jax.models import attention
 
 
 def attention_fn(impl: str, scale: float):
     """A jitted (q, k, v) -> out for an --impls entry."""
     if impl.startswith("chunked"):
-        qc, kc = layers.QUERY_CHUNK_SIZE, layers.KEY_CHUNK_SIZE
+        qc, kc = attention.QUERY_CHUNK_SIZE, attention.KEY_CHUNK_SIZE
         if ":" in impl:
             qc, kc = (int(x) for x in impl.split(":")[1].split("x"))
         fn = functools.partial(
-            layers.chunked_dot_product_attention,
+            attention.chunked_dot_product_attention,
             scale=scale,
             query_chunk_size=qc,
             key_chunk_size=kc,
         )
     else:
-        fn = functools.partial(layers.dot_product_attention, scale=scale, implementation=impl)
+        fn = functools.partial(attention.dot_product_attention, scale=scale, implementation=impl)
     return jax.jit(fn)
 
 

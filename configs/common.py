@@ -25,8 +25,8 @@ def get_config(arg=None):
     c.sharding_rules = ()
     c.mesh_num_devices = 0  # > 0: only the first N devices (single-device references, debugging)
     # Precision and memory: activations in compute_dtype ("bfloat16" on GPU/TPU; parameters, norms,
-    # softmax and the loss stay float32), U-Net block remat ("none", "full", "dots"; models/unet.py
-    # REMAT_POLICIES) and gradient accumulation over micro-batches (batch_size / grad_accum_steps
+    # softmax and the loss stay float32), U-Net block remat ("none", "full", "dots";
+    # models/unet_blocks.py REMAT_POLICIES) and gradient accumulation over micro-batches (batch_size / grad_accum_steps
     # examples at a time, one update per batch).
     c.compute_dtype = "float32"
     c.remat_policy = "none"

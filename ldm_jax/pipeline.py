@@ -169,6 +169,51 @@ def _compile(model: Model, mesh, fn):
 # --- generate ------------------------------------------------------------------------------------
 
 
+def _latent_shape(model: Model, height: int, width: int) -> tuple[int, int, int]:
+    """(h, w, c) of the latents of height x width images; both must fit the U-Net's levels."""
+    f = model.vae_scale_factor * 2 ** (len(model.unet.block_out_channels) - 1)
+    if height % f or width % f:
+        raise ValueError(f"height and width must be multiples of {f}, got {height}x{width}")
+    s = model.vae_scale_factor
+    return height // s, width // s, model.vae.latent_channels
+
+
+def _strength(mode: str, strength, denoising_start, image, latent_shape, size) -> float:
+    """The strength generate runs at (diffusers' defaults: 0.8 for img2img, else 1; a
+    `denoising_start` overrides it), its inputs checked."""
+    if strength is None or denoising_start is not None:  # diffusers: the latter overrides
+        strength = 0.8 if mode == "img2img" and denoising_start is None else 1.0
+    if mode == "txt2img" and strength != 1:
+        raise ValueError("strength needs an init image")
+    if mode == "txt2img" and denoising_start is not None:
+        raise ValueError("denoising_start needs image (the latents of the previous stage)")
+    if denoising_start is not None and not _is_latents(image, latent_shape):
+        got = getattr(image, "shape", type(image).__name__)
+        raise ValueError(
+            f"denoising_start continues from latents [N, {', '.join(map(str, latent_shape))}] "
+            f"(height x width {size[0]}x{size[1]}); got {got}"
+        )
+    return strength
+
+
+def _text_and_noise(model, texts, per: int, seed, latents, latent_shape, zero_uncond) -> dict:
+    """Token ids (prompts, negative prompts), initial noise and seeds of every image."""
+    tokenizers = model.get_tokenizers()
+    n = len(texts[0][0]) * per
+    rep = lambda a: np.repeat(np.asarray(a), per, axis=0)
+    seeds = [int(seed) + i for i in range(n)] if isinstance(seed, int | np.integer) else list(seed)
+    if len(seeds) != n:
+        raise ValueError(f"give one seed or one per image ({n}), got {len(seeds)}")
+    seeds = rng_lib.seed_array(seeds)
+    return {
+        "ids": tuple(rep(token_ids(t, p)) for t, (p, _) in zip(tokenizers, texts)),
+        "neg_ids": tuple(rep(token_ids(t, neg)) for t, (_, neg) in zip(tokenizers, texts)),
+        "neg_zero": np.full(n, zero_uncond, "f4"),
+        "noise": _noise(latents, seeds, latent_shape),
+        "seed": seeds,
+    }
+
+
 def generate(
     model: Model,
     prompt: str | Sequence[str],
@@ -229,7 +274,7 @@ def generate(
     """
     if output_type not in ("uint8", "latent"):
         raise ValueError(f"output_type must be 'uint8' or 'latent', got {output_type!r}")
-    tokenizers = model.get_tokenizers()
+    model.get_tokenizers()  # a single file without its tokenizer folder: say so first
     defaults = {**PRETRAINED_SAMPLING, **model.sampling}
     steps = defaults["num_inference_steps"] if num_inference_steps is None else num_inference_steps
     if guidance_scale is None:
@@ -241,46 +286,18 @@ def generate(
     n = len(prompts) * per
     guidance = np.broadcast_to(np.asarray(guidance_scale, np.float32), (n,)).copy()
     _check_numbers(steps, per, guidance, guidance_rescale, clip_skip)
-    height = height or model.default_size
-    width = width or model.default_size
-    f = model.vae_scale_factor * 2 ** (len(model.unet.block_out_channels) - 1)
-    if height % f or width % f:
-        raise ValueError(f"height and width must be multiples of {f}, got {height}x{width}")
+    height, width = height or model.default_size, width or model.default_size
+    latent_shape = _latent_shape(model, height, width)
     mode = _mode(model, image, mask_image)
-    if strength is None or denoising_start is not None:  # diffusers: the latter overrides
-        strength = 0.8 if mode == "img2img" and denoising_start is None else 1.0
-    if mode == "txt2img" and strength != 1:
-        raise ValueError("strength needs an init image")
-    if mode == "txt2img" and denoising_start is not None:
-        raise ValueError("denoising_start needs image (the latents of the previous stage)")
-    latent_shape = (height // model.vae_scale_factor, width // model.vae_scale_factor)
-    latent_shape += (model.vae.latent_channels,)
-    if denoising_start is not None and not _is_latents(image, latent_shape):
-        got = getattr(image, "shape", type(image).__name__)
-        raise ValueError(
-            f"denoising_start continues from latents [N, {', '.join(map(str, latent_shape))}] "
-            f"(height x width {height}x{width}); got {got}"
-        )
-    start_step = options_lib.img2img_start_step(steps, strength)
+    strength = _strength(mode, strength, denoising_start, image, latent_shape, (height, width))
 
     # Per-image host arrays (N = prompts x images per prompt, prompt-major).
-    rep = lambda a: np.repeat(np.asarray(a), per, axis=0)
-    seeds = [int(seed) + i for i in range(n)] if isinstance(seed, int | np.integer) else list(seed)
-    if len(seeds) != n:
-        raise ValueError(f"give one seed or one per image ({n}), got {len(seeds)}")
-    seeds = rng_lib.seed_array(seeds)
     zero_uncond = negative_prompt is None and model.force_zeros_for_empty_prompt
-    batch = {
-        "ids": tuple(rep(token_ids(t, p)) for t, (p, _) in zip(tokenizers, texts)),
-        "neg_ids": tuple(rep(token_ids(t, neg)) for t, (_, neg) in zip(tokenizers, texts)),
-        "neg_zero": np.full(n, zero_uncond, "f4"),
-        # diffusers guides only when guidance_scale > 1 and otherwise runs the conditional model,
-        # which is guidance 1 here.
-        "guidance": np.maximum(guidance, 1.0),
-        "rescale": np.full(n, guidance_rescale, np.float32),
-        "noise": _noise(latents, seeds, latent_shape),
-        "seed": seeds,
-    }
+    batch = _text_and_noise(model, texts, per, seed, latents, latent_shape, zero_uncond)
+    # diffusers guides only when guidance_scale > 1 and otherwise runs the conditional model,
+    # which is guidance 1 here.
+    batch["guidance"] = np.maximum(guidance, 1.0)
+    batch["rescale"] = np.full(n, guidance_rescale, np.float32)
     if model.is_sdxl:
         size = (height, width)
         batch.update(
@@ -294,6 +311,7 @@ def generate(
     sampler, options, schedule = options_lib.resolve_sampler(
         model.scheduler_config, sampler, sampler_options
     )
+    start_step = options_lib.img2img_start_step(steps, strength)
     if mode == "img2img" or start_step:
         # diffusers' img2img noises the init latents even at strength 1 (add_noise at the first
         # timestep); only inpainting at strength 1 starts from pure noise (`is_strength_max`).

@@ -9,13 +9,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ldm_jax.models import layers
-from ldm_jax.models.layers import (
-    Attention,
+from ldm_jax.models import attention
+from ldm_jax.models.attention import (
     chunked_dot_product_attention,
     dot_product_attention,
     resolve_attention_implementation,
 )
+from ldm_jax.models.layers import Attention
 from ldm_jax.models.unet import unet_from_variant
 
 TOL = 1e-5  # float32 vs the float64 reference; logits here are O(1)
@@ -136,8 +136,8 @@ def test_auto_resolution_and_bad_name():
 def test_tiny_unet_same_output_for_every_cpu_kernel(monkeypatch):
     """The tiny U-Net at 16x16 latents (256 tokens at the top level) with small chunks, so the
     chunked kernel takes the multi-block, padded-key path inside a real network."""
-    monkeypatch.setattr(layers, "QUERY_CHUNK_SIZE", 96)
-    monkeypatch.setattr(layers, "KEY_CHUNK_SIZE", 80)
+    monkeypatch.setattr(attention, "QUERY_CHUNK_SIZE", 96)
+    monkeypatch.setattr(attention, "KEY_CHUNK_SIZE", 80)
     x = jax.random.normal(jax.random.key(0), (2, 16, 16, 4))
     t = jnp.array([10.0, 900.0])
     ctx = jax.random.normal(jax.random.key(1), (2, 7, 128))

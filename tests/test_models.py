@@ -1,6 +1,8 @@
 """Networks: shapes of the tiny variants, reference parameter counts of the real ones, and numerical
 parity with diffusers / transformers (PyTorch, float32) with weights copied by name."""
 
+import types
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,7 +12,12 @@ from ldm_jax.convert.naming import torch_key_to_flax_path
 from ldm_jax.models import layers
 from ldm_jax.models.clip import CLIP_VARIANTS, CLIPTextTransformer, clip_from_variant
 from ldm_jax.models.layers import count_params
-from ldm_jax.models.unet import UNET_VARIANTS, UNet2DConditionModel, unet_from_variant
+from ldm_jax.models.unet import (
+    UNET_VARIANTS,
+    UNet2DConditionModel,
+    ip_adapter_layer_scales,
+    unet_from_variant,
+)
 from ldm_jax.models.vae import VAE_VARIANTS, DiagonalGaussianDistribution, vae_from_variant
 
 KEY = jax.random.key(0)
@@ -327,12 +334,10 @@ def test_unet_t2i_adapter_features_match_diffusers():
         )
 
 
-def test_unet_ip_adapter_streams_match_diffusers():
-    """IP-Adapter's decoupled cross-attention: two image-prompt token streams with their own
-    scales, against diffusers' `IPAdapterAttnProcessor2_0` in every cross-attention layer (random
-    to_k_ip / to_v_ip, as torch initializes them). The tokens go in as the image projection's
-    output (diffusers: `encoder_hid_proj` of type "ip_image_proj", here the identity)."""
-    torch = pytest.importorskip("torch")
+def _ip_adapter_pair(num_tokens):
+    """(diffusers U-Net with IP-Adapter processors of these token counts and scales 0.7, 1.3,
+    ours, its params, our config): random to_k_ip / to_v_ip, as torch initializes them."""
+    import torch
     from diffusers.models.attention_processor import AttnProcessor2_0, IPAdapterAttnProcessor2_0
 
     fields = {**HOOKS_UNET, "use_linear_projection": True}
@@ -348,7 +353,9 @@ def test_unet_ip_adapter_streams_match_diffusers():
             level = int(name.split(".")[1])
             widths = fields["block_out_channels"]
             width = (widths[::-1] if name.startswith("up_blocks") else widths)[level]
-        processors[name] = IPAdapterAttnProcessor2_0(width, 48, num_tokens=(4, 3), scale=[0.7, 1.3])
+        processors[name] = IPAdapterAttnProcessor2_0(
+            width, 48, num_tokens=num_tokens, scale=[0.7, 1.3][: len(num_tokens)]
+        )
     torch.manual_seed(1)
     ref.set_attn_processor(processors)
 
@@ -359,9 +366,19 @@ def test_unet_ip_adapter_streams_match_diffusers():
     ref.encoder_hid_proj = Tokens()
     ref.register_to_config(encoder_hid_dim_type="ip_image_proj")
     cfg = {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}
-    model = UNet2DConditionModel(**cfg, num_ip_adapters=2)
+    model = UNet2DConditionModel(**cfg, num_ip_adapters=len(num_tokens))
     params = torch_to_flax(ref)
 
+    return ref, model, params, cfg
+
+
+def test_unet_ip_adapter_streams_match_diffusers():
+    """IP-Adapter's decoupled cross-attention: two image-prompt token streams with their own
+    scales, against diffusers' `IPAdapterAttnProcessor2_0` in every cross-attention layer (random
+    to_k_ip / to_v_ip, as torch initializes them). The tokens go in as the image projection's
+    output (diffusers: `encoder_hid_proj` of type "ip_image_proj", here the identity)."""
+    torch = pytest.importorskip("torch")
+    ref, model, params, cfg = _ip_adapter_pair((4, 3))
     x = jax.random.normal(KEY, (2, 8, 8, 4))
     ctx = jax.random.normal(jax.random.key(1), (2, 5, 48))
     t = np.array([3.0, 750.25], np.float32)
@@ -386,6 +403,86 @@ def test_unet_ip_adapter_streams_match_diffusers():
     assert float(jnp.abs(off - ours).max()) > 0.01
     with pytest.raises(ValueError, match="1 ip_hidden_states for a U-Net with num_ip_adapters=2"):
         model.apply(params, x, t, ctx, ip_hidden_states=ip[:1])
+
+    # Per-block scales (InstantStyle's recipes): diffusers' own `set_ip_adapter_scale` on the
+    # reference, `ip_adapter_layer_scales` here; a new scale is an input, not a recompile.
+    from diffusers.loaders.ip_adapter import IPAdapterMixin
+
+    config = [{"down": {"block_0": 0.5}, "up": {"block_1": [0.0, 2.0]}, "mid": [1.5]}, 0.8]
+    IPAdapterMixin.set_ip_adapter_scale(types.SimpleNamespace(unet=ref), config)
+    layer_scales = ip_adapter_layer_scales(model, config)
+    np.testing.assert_allclose(layer_scales, [[0.5, 0.8], [0.0, 0.8], [2.0, 0.8], [1.5, 0.8]])
+    ours = apply(params, x, jnp.asarray(t), ctx, ip_hidden_states=ip, ip_adapter_scale=layer_scales)
+    with torch.no_grad():
+        want = ref(
+            nchw(x),
+            torch.from_numpy(t),
+            torch.from_numpy(np.array(ctx)),
+            added_cond_kwargs={"image_embeds": [torch.from_numpy(np.array(s)) for s in ip]},
+        ).sample
+    np.testing.assert_allclose(ours, want.numpy().transpose(0, 2, 3, 1), atol=2e-5, rtol=1e-4)
+    compiled = apply._cache_size()
+    apply(params, x, jnp.asarray(t), ctx, ip_hidden_states=ip, ip_adapter_scale=layer_scales / 2)
+    assert apply._cache_size() == compiled  # other scales, the same program
+    np.testing.assert_array_equal(
+        ip_adapter_layer_scales(model, {"up": 1.0})[:, 0], [0.0, 1.0, 1.0, 0.0]
+    )  # every attention of every up block; down and mid unnamed: 0
+    with pytest.raises(ValueError, match="expected 2 scales for up.block_1, got 3"):
+        ip_adapter_layer_scales(model, {"up": {"block_1": [1.0, 1.0, 1.0]}})
+    with pytest.raises(ValueError, match=r"names \['block_7'\]"):
+        ip_adapter_layer_scales(model, {"down": {"block_7": 1.0}})
+    with pytest.raises(ValueError, match="3 IP-Adapter scale configs for 2 adapters"):
+        ip_adapter_layer_scales(model, [1.0, 1.0, 1.0])
+
+
+def test_bicubic_mask_resampling_matches_torch():
+    """`layers._bicubic_matrix` is torch's bicubic interpolation (align_corners=False), the one
+    diffusers resamples IP-Adapter masks with, shrinking and growing, odd sizes included."""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(0)
+    for (h, w), (oh, ow) in [((16, 12), (10, 6)), ((7, 9), (4, 4)), ((5, 6), (11, 13))]:
+        mask = rng.uniform(size=(2, h, w)).astype(np.float32)
+        want = torch.nn.functional.interpolate(
+            torch.from_numpy(mask)[None], size=(oh, ow), mode="bicubic"
+        )[0].numpy()
+        have = layers._bicubic_matrix(h, oh) @ mask @ layers._bicubic_matrix(w, ow).T
+        np.testing.assert_allclose(have, want, atol=1e-5)
+
+
+@pytest.mark.filterwarnings("ignore:The aspect ratio of the mask")  # on purpose: padding
+def test_unet_ip_adapter_masks_match_diffusers():
+    """IP-Adapter masks (`ip_adapter_masks`): adapter 0 with two reference images, each attended
+    alone and weighted by its own mask at every layer's resolution (16 x 12 masks resampled to
+    a 10 x 6 grid zero-padded to 64 queries, and to 4 x 4), adapter 1 unmasked; against
+    diffusers' `IPAdapterAttnProcessor2_0` given the same masks."""
+    torch = pytest.importorskip("torch")
+    ref, model, params, _ = _ip_adapter_pair((4, 3))
+    rng = np.random.default_rng(3)
+    x = jax.random.normal(KEY, (2, 8, 8, 4))
+    ctx = jax.random.normal(jax.random.key(1), (2, 5, 48))
+    t = np.array([3.0, 750.25], np.float32)
+    images = [rng.normal(size=(2, 2, 4, 48)), rng.normal(size=(2, 1, 3, 48))]  # [B, I, T, D]
+    masks = (rng.uniform(size=(1, 2, 16, 12)) > 0.5).astype(np.float32)
+    with torch.no_grad():
+        want = ref(
+            nchw(x),
+            torch.from_numpy(t),
+            torch.from_numpy(np.array(ctx)),
+            added_cond_kwargs={"image_embeds": [torch.from_numpy(i).float() for i in images]},
+            cross_attention_kwargs={"ip_adapter_masks": [torch.from_numpy(masks), None]},
+        ).sample.numpy()
+    ip = [jnp.asarray(i.reshape(2, -1, 48), jnp.float32) for i in images]  # I x T tokens
+    ours = jax.jit(model.apply)(
+        params, x, t, ctx, ip_hidden_states=ip, ip_adapter_scale=[0.7, 1.3],
+        ip_adapter_masks=[masks[0], None],
+    )  # fmt: skip
+    np.testing.assert_allclose(ours, want.transpose(0, 2, 3, 1), atol=2e-5, rtol=1e-4)
+    unmasked = jax.jit(model.apply)(
+        params, x, t, ctx, ip_hidden_states=ip, ip_adapter_scale=[0.7, 1.3]
+    )  # fmt: skip
+    assert float(jnp.abs(unmasked - ours).max()) > 1e-3  # the masks change the output
+    with pytest.raises(ValueError, match="1 ip_adapter_masks for 2 adapters"):
+        model.apply(params, x, t, ctx, ip_hidden_states=ip, ip_adapter_masks=[masks[0]])
 
 
 def _without_ip(tree):

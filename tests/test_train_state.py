@@ -45,7 +45,9 @@ def _batch():
 def _groups(lr_b=0.1, ema_b=0.9):
     return {
         "a": state_lib.ParamGroup(state_lib.make_optimizer(OPT, 10), 0.9),
-        "b": state_lib.ParamGroup(state_lib.make_optimizer(OPT | {"learning_rate": lr_b}, 10), ema_b),
+        "b": state_lib.ParamGroup(
+            state_lib.make_optimizer(OPT | {"learning_rate": lr_b}, 10), ema_b
+        ),
     }
 
 

@@ -9,14 +9,15 @@ softmax are always computed in float32.
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from ldm_jax.models.attention import dot_product_attention
 from ldm_jax.sharding import constrain
 
 Dtype = Any
@@ -147,212 +148,6 @@ class ResnetBlock2D(nn.Module):
         return constrain(x + h, ("batch", None, None, None))
 
 
-# ---------------------------------------------------------------- attention kernels
-ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "chunked", "cudnn")
-# Block sizes of the "chunked" kernel. Timing one SD1.5 self-attention (batch 2, 4096 tokens,
-# 8 heads x 40, float32) on an idle 2-core AVX-512 Xeon (benchmarks/attention_layer.py,
-# 2026-12-03): 512 x 512 526 ms, 1024 x 512 534, 512 x 1024 554, 256 x 1024 558, 1024 x 1024
-# 617, 256 x 256 786 (the earlier default; on a loaded machine the sizes were within noise).
-# The SD1.5 U-Net forward then took 10.2 s instead of 12.8 s (benchmarks/README.md). A score
-# block is B x heads x 1 MiB in float32.
-QUERY_CHUNK_SIZE = 512
-KEY_CHUNK_SIZE = 512
-
-
-def _cudnn_supported(q: jax.Array, k: jax.Array, mask) -> bool:
-    """Shapes/dtypes for which cuDNN's fused flash attention (via `jax.nn.dot_product_attention`)
-    builds: fp16/bf16 inputs, head dim a multiple of 8 and <= 128 (<= 256 from Hopper on), no
-    boolean mask (the conditions of jax's `check_is_flash_attention`)."""
-    if q.dtype not in (jnp.bfloat16, jnp.float16) or k.dtype != q.dtype or mask is not None:
-        return False
-    head_dim = q.shape[-1]
-    try:
-        capability = float(jax.devices("gpu")[0].compute_capability)
-    except (RuntimeError, AttributeError, ValueError):
-        return False
-    return head_dim % 8 == 0 and head_dim <= (256 if capability >= 9.0 else 128)
-
-
-def resolve_attention_implementation(implementation: str | None, q, k, mask=None) -> str:
-    """The concrete kernel for `implementation` ("auto"/None, "xla", "chunked" or "cudnn").
-
-    "auto" picks, at trace time: cuDNN flash attention on GPU when `_cudnn_supported`, the
-    query/key-chunked kernel on CPU (several times faster than materializing the score matrix
-    at 4096 tokens, see benchmarks/README.md), else XLA's reference einsum-softmax-einsum.
-    """
-    if implementation is None or implementation == "auto":
-        backend = jax.default_backend()
-        if backend == "gpu" and _cudnn_supported(q, k, mask):
-            return "cudnn"
-        return "chunked" if backend == "cpu" else "xla"
-    if implementation not in ATTENTION_IMPLEMENTATIONS:
-        raise ValueError(
-            f"unknown attention implementation {implementation!r}; "
-            f"valid: {', '.join(ATTENTION_IMPLEMENTATIONS)}"
-        )
-    return implementation
-
-
-def _pad_axis(x: jax.Array, axis: int, multiple: int, value=0) -> jax.Array:
-    """Pad `axis` of x at the end up to a multiple of `multiple` (no-op when it divides)."""
-    pad = -x.shape[axis] % multiple
-    if pad == 0:
-        return x
-    widths = [(0, 0)] * x.ndim
-    widths[axis] = (0, pad)
-    return jnp.pad(x, widths, constant_values=value)
-
-
-def _mask_chunks(mask, qc: int, kc: int, n_q: int, n_k: int):
-    """A bool mask broadcastable to [B, N, T, S] -> chunks [n_k, B', N', qc or 1, kc or 1],
-    with a leading n_q axis when the mask varies over queries (else None is returned for the
-    per-query-chunk part and the chunks are shared by every query chunk)."""
-    m = jnp.asarray(mask, bool)
-    m = m.reshape((1,) * (4 - m.ndim) + m.shape)
-    if m.shape[3] != 1:  # padded keys: -inf in chunk_logits
-        m = _pad_axis(m, 3, kc, True).reshape(*m.shape[:3], n_k, kc)
-        m = jnp.moveaxis(m, 3, 0)
-    else:
-        m = jnp.broadcast_to(m[None], (n_k, *m.shape))
-    if m.shape[3] == 1:
-        return None, m
-    m = _pad_axis(m, 3, qc, True)
-    m = m.reshape(*m.shape[:3], n_q, qc, m.shape[-1])
-    return jnp.moveaxis(m, 3, 0), None
-
-
-def chunked_dot_product_attention(
-    q: jax.Array,
-    k: jax.Array,
-    v: jax.Array,
-    mask: jax.Array | None = None,
-    *,
-    scale: float,
-    query_chunk_size: int = QUERY_CHUNK_SIZE,
-    key_chunk_size: int = KEY_CHUNK_SIZE,
-) -> jax.Array:
-    """softmax(q k^T * scale) v without the [T, S] score matrix (Rabe & Staats 2021,
-    "Self-attention Does Not Need O(n^2) Memory", Sec. 2-3): `lax.map` over query chunks, and
-    for each a `lax.scan` over key chunks carrying the running max and sum of the online
-    softmax (Milakov & Gimelshein 2018). The key-chunk logits are `jax.checkpoint`ed as in the
-    paper, so a backward pass recomputes them instead of storing every score block.
-
-    Args:
-      q: [B, T, N, H]; k, v: [B, S, N, H] (any float dtype: logits, softmax and the output
-        accumulator are float32; probabilities are cast to v.dtype for the p @ v product, as in
-        `jax.nn.dot_product_attention`).
-      mask: bool broadcastable to [B, N, T, S], True = attend. Masked logits get jax's large
-        negative value (not -inf), so even a fully masked row matches the reference.
-      scale: logit multiplier, usually H**-0.5.
-      query_chunk_size, key_chunk_size: block sizes; T and S need not be multiples (the last
-        block is padded, padded keys get zero weight).
-    Returns:
-      [B, T, N, H] in q.dtype.
-    """
-    b, t, n, h = q.shape
-    s = k.shape[1]
-    qc, kc = min(query_chunk_size, t), min(key_chunk_size, s)
-    n_q, n_k = -(-t // qc), -(-s // kc)
-    masked_value = -0.7 * float(jnp.finfo(jnp.float32).max)  # jax's _get_large_negative
-
-    def to_chunks(x, size, count):  # [B, L, N, H] -> [count, B, N, size, H]
-        x = _pad_axis(jnp.swapaxes(x, 1, 2), 2, size)
-        return jnp.moveaxis(x.reshape(*x.shape[:2], count, size, x.shape[-1]), 2, 0)
-
-    q_chunks, k_chunks, v_chunks = (
-        to_chunks(q, qc, n_q),
-        to_chunks(k, kc, n_k),
-        to_chunks(v, kc, n_k),
-    )
-    q_masks, shared_masks = (None, None) if mask is None else _mask_chunks(mask, qc, kc, n_q, n_k)
-    key_starts = jnp.arange(n_k) * kc
-
-    @functools.partial(jax.checkpoint, prevent_cse=False)
-    def chunk_logits(q_i, k_j, m_ij, key_start):
-        """float32[B, N, qc, kc] scaled logits, user mask and padded keys applied."""
-        logits = jnp.einsum("bnqh,bnkh->bnqk", q_i, k_j, preferred_element_type=jnp.float32)
-        logits = logits * jnp.float32(scale)
-        if m_ij is not None:
-            logits = jnp.where(m_ij, logits, masked_value)
-        if s % kc:  # only the last chunk has padding, and it also holds >= 1 real key
-            valid = key_start + jnp.arange(kc) < s
-            logits = jnp.where(valid, logits, -jnp.inf)
-        return logits
-
-    def attend(p, v_j):  # unnormalized probabilities @ values, float32 accumulation
-        return jnp.einsum(
-            "bnqk,bnkh->bnqh", p.astype(v.dtype), v_j, preferred_element_type=jnp.float32
-        )
-
-    def attend_query_chunk(args):
-        q_i, m_i = args
-        m_i = shared_masks if m_i is None else m_i
-        if n_k == 1:  # a single key block: the plain softmax, nothing to carry
-            logits = chunk_logits(q_i, k_chunks[0], None if m_i is None else m_i[0], 0)
-            p = jnp.exp(logits - logits.max(-1, keepdims=True))
-            return attend(p, v_chunks[0]) / p.sum(-1, keepdims=True)
-
-        def body(carry, xs):
-            acc, row_sum, row_max = carry
-            k_j, v_j, m_ij, key_start = xs
-            logits = chunk_logits(q_i, k_j, m_ij, key_start)
-            new_max = jnp.maximum(row_max, logits.max(-1, keepdims=True))
-            correction = jnp.exp(row_max - new_max)  # exp(-inf) = 0 on the first block
-            p = jnp.exp(logits - new_max)
-            row_sum = row_sum * correction + p.sum(-1, keepdims=True)
-            acc = acc * correction + attend(p, v_j)
-            return (acc, row_sum, new_max), None
-
-        stats = (*q_i.shape[:-1], 1)
-        init = (
-            jnp.zeros(q_i.shape, jnp.float32),
-            jnp.zeros(stats, jnp.float32),
-            jnp.full(stats, -jnp.inf, jnp.float32),
-        )
-        (acc, row_sum, _), _ = jax.lax.scan(body, init, (k_chunks, v_chunks, m_i, key_starts))
-        return acc / row_sum
-
-    if n_q == 1:  # no loop at all for short sequences (e.g. the tiny test models)
-        first = None if q_masks is None else q_masks[0]
-        out = attend_query_chunk((q_chunks[0], first))[None]
-    else:
-        out = jax.lax.map(attend_query_chunk, (q_chunks, q_masks))  # [n_q, B, N, qc, H]
-    out = jnp.moveaxis(out, 0, 2).reshape(b, n, n_q * qc, h)[:, :, :t]
-    return jnp.swapaxes(out, 1, 2).astype(q.dtype)
-
-
-def dot_product_attention(
-    q: jax.Array,
-    k: jax.Array,
-    v: jax.Array,
-    mask: jax.Array | None = None,
-    *,
-    scale: float,
-    implementation: str | None = "auto",
-) -> jax.Array:
-    """softmax(q k^T * scale) v with the kernel named by `implementation` (see
-    `resolve_attention_implementation`). q: [B, T, N, H], k, v: [B, S, N, H] -> [B, T, N, H];
-    mask: bool broadcastable to [B, N, T, S], True = attend. Softmax is float32 in every kernel."""
-    impl = resolve_attention_implementation(implementation, q, k, mask)
-    if impl == "chunked":
-        # module constants read at call time (tests shrink them to exercise the block loops)
-        return chunked_dot_product_attention(
-            q,
-            k,
-            v,
-            mask,
-            scale=scale,
-            query_chunk_size=QUERY_CHUNK_SIZE,
-            key_chunk_size=KEY_CHUNK_SIZE,
-        )
-    if impl == "cudnn" and implementation in (None, "auto"):
-        try:  # shapes _cudnn_supported does not know about (e.g. no cuDNN found) fall back
-            return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation="cudnn")
-        except (NotImplementedError, RuntimeError, ValueError):
-            impl = "xla"
-    return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation=impl)
-
-
 class Attention(nn.Module):
     """diffusers `Attention` (AttnProcessor semantics), self- or cross-attention.
 
@@ -373,7 +168,10 @@ class Attention(nn.Module):
     [B, S_i, D]) are attended by the same queries through their own bias-free key and value
     projections (`processor/to_k_ip_i`, `processor/to_v_ip_i`, diffusers' names), and each
     result, times its scale (`ip_scales`, [n], default 1), is added to the text attention's before
-    `to_out_0`.
+    `to_out_0`. `ip_masks` (diffusers' `ip_adapter_masks`): per stream None, or f32[I, H, W], one
+    mask per image of the stream's I images (its tokens then split into I equal groups): each
+    image's tokens are attended on their own and their result weighted, per query, by its mask
+    resampled to the queries' grid (`ip_mask_weights`), so image i steers only where mask i is.
     """
 
     heads: int
@@ -382,12 +180,14 @@ class Attention(nn.Module):
     upcast_attention: bool = False  # SD2.1-v: q k^T in float32 (diffusers upcast_attention)
     norm_groups: int | None = None
     norm_eps: float = 1e-6
-    implementation: str | None = None  # one of ATTENTION_IMPLEMENTATIONS; None = "auto"
+    implementation: str | None = None  # attention.ATTENTION_IMPLEMENTATIONS; None = "auto"
     dtype: Dtype = jnp.float32
     num_ip_adapters: int = 0
 
     @nn.compact
-    def __call__(self, x, context=None, mask=None, ip_hidden_states=(), ip_scales=None):
+    def __call__(
+        self, x, context=None, mask=None, ip_hidden_states=(), ip_scales=None, ip_masks=()
+    ):
         residual = x
         spatial = x.ndim == 4
         if self.norm_groups is not None:
@@ -422,11 +222,22 @@ class Attention(nn.Module):
             if ip_scales is None:
                 ip_scales = jnp.ones((self.num_ip_adapters,), jnp.float32)
             streams = _IPAdapterProjections(inner, self.dtype, name="processor")
+            masks = tuple(ip_masks) or (None,) * self.num_ip_adapters
             for i, (k_i, v_i) in enumerate(streams(ip_hidden_states)):
                 k_i, v_i = split(k_i), split(v_i)
                 if self.upcast_attention:
                     k_i, v_i = k_i.astype(jnp.float32), v_i.astype(jnp.float32)
-                out = out + jnp.asarray(ip_scales[i], out_dtype) * attend(k_i, v_i, None)
+                if masks[i] is None:
+                    ip_out = attend(k_i, v_i, None)
+                else:  # each image's tokens on their own, weighted by its mask
+                    weights = ip_mask_weights(masks[i], x.shape[1]).astype(out_dtype)  # [I, T]
+                    images = weights.shape[0]
+                    k_i, v_i = (t.reshape(t.shape[0], images, -1, *t.shape[2:]) for t in (k_i, v_i))
+                    ip_out = sum(
+                        attend(k_i[:, j], v_i[:, j], None) * weights[j][None, :, None, None]
+                        for j in range(images)
+                    )
+                out = out + jnp.asarray(ip_scales[i], out_dtype) * ip_out
         out = out.reshape(out.shape[0], out.shape[1], inner)
         out = dense(query_dim, self.dtype, "to_out_0")(out)
         if spatial:
@@ -434,6 +245,46 @@ class Attention(nn.Module):
         if self.norm_groups is not None:  # residual_connection=True, rescale_output_factor=1
             out = out + residual
         return out
+
+
+def _bicubic_matrix(n_in: int, n_out: int) -> np.ndarray:
+    """f64[n_out, n_in]: torch's `interpolate(mode="bicubic", align_corners=False)` along one
+    axis: Keys' cubic convolution with A = -0.75 around the source coordinate
+    (o + 1/2) n_in / n_out - 1/2, its four taps clamped to the border, no antialiasing."""
+    a = -0.75
+    near = lambda x: ((a + 2) * x - (a + 3)) * x * x + 1  # |x| <= 1
+    far = lambda x: ((a * x - 5 * a) * x + 8 * a) * x - 4 * a  # 1 < |x| < 2
+    out = np.zeros((n_out, n_in))
+    for o in range(n_out):
+        real = (o + 0.5) * n_in / n_out - 0.5
+        index = int(np.floor(real))
+        t = real - index
+        weights = (far(t + 1), near(t), near(1 - t), far(2 - t))
+        for tap, w in zip(range(index - 1, index + 3), weights):
+            out[o, min(max(tap, 0), n_in - 1)] += w
+    return out
+
+
+def ip_mask_weights(mask: jax.Array, num_queries: int) -> jax.Array:
+    """f32[I, num_queries]: IP-Adapter masks f32[I, H, W] (or [1, I, H, W]) at the resolution of
+    an attention layer's queries, as diffusers' `IPAdapterMaskProcessor.downsample`: a grid of
+    mask_h = ceil-ish(sqrt(Q / (W / H))) rows and Q // mask_h columns, bicubic, flattened and
+    zero-padded or cut to Q."""
+    mask = jnp.asarray(mask, jnp.float32)
+    mask = mask.reshape(-1, *mask.shape[-2:])
+    images, height, width = mask.shape
+    rows = int(math.sqrt(num_queries / (width / height)))
+    rows += int(num_queries % rows != 0)
+    cols = num_queries // rows
+    grid = jnp.einsum(
+        "ph,ihw,qw->ipq",
+        _bicubic_matrix(height, rows).astype(np.float32),
+        mask,
+        _bicubic_matrix(width, cols).astype(np.float32),
+    ).reshape(images, rows * cols)
+    if rows * cols < num_queries:
+        return jnp.pad(grid, ((0, 0), (0, num_queries - rows * cols)))
+    return grid[:, :num_queries]
 
 
 class _IPAdapterProjections(nn.Module):
@@ -495,7 +346,9 @@ class BasicTransformerBlock(nn.Module):
     num_ip_adapters: int = 0  # extra streams of the cross-attention (Attention)
 
     @nn.compact
-    def __call__(self, x, context, train: bool = False, ip_hidden_states=(), ip_scales=None):
+    def __call__(
+        self, x, context, train: bool = False, ip_hidden_states=(), ip_scales=None, ip_masks=()
+    ):
         ln = lambda name: nn.LayerNorm(
             epsilon=1e-5, dtype=self.dtype, param_dtype=PARAM_DTYPE, name=name
         )
@@ -510,7 +363,7 @@ class BasicTransformerBlock(nn.Module):
         )
         x = x + attn("attn1")(ln("norm1")(x))
         x = x + attn("attn2", self.num_ip_adapters)(
-            ln("norm2")(x), context, None, ip_hidden_states, ip_scales
+            ln("norm2")(x), context, None, ip_hidden_states, ip_scales, ip_masks
         )
         x = x + FeedForward(self.dim, dtype=self.dtype, name="ff")(ln("norm3")(x), train)
         return constrain(x, ("batch", None, None))
@@ -535,7 +388,9 @@ class Transformer2DModel(nn.Module):
     num_ip_adapters: int = 0  # extra streams of the cross-attention (Attention)
 
     @nn.compact
-    def __call__(self, x, context, train: bool = False, ip_hidden_states=(), ip_scales=None):
+    def __call__(
+        self, x, context, train: bool = False, ip_hidden_states=(), ip_scales=None, ip_masks=()
+    ):
         b, hgt, wid, c = x.shape
         inner = self.heads * self.dim_head
         residual = x
@@ -556,7 +411,7 @@ class Transformer2DModel(nn.Module):
                 dtype=self.dtype,
                 num_ip_adapters=self.num_ip_adapters,
                 name=f"transformer_blocks_{i}",
-            )(h, context, train, ip_hidden_states, ip_scales)
+            )(h, context, train, ip_hidden_states, ip_scales, ip_masks)
         if self.use_linear_projection:
             h = dense(c, self.dtype, "proj_out")(h).reshape(b, hgt, wid, c)
         else:

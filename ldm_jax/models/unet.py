@@ -15,185 +15,20 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from ldm_jax.models.layers import (
-    Downsample2D,
-    ResnetBlock2D,
-    TimestepEmbedding,
-    Transformer2DModel,
-    Upsample2D,
-    conv,
-    get_timestep_embedding,
-    group_norm,
+from ldm_jax.models.layers import TimestepEmbedding, conv, get_timestep_embedding, group_norm
+from ldm_jax.models.unet_blocks import (
+    DOWN_BLOCK_TYPES,
+    UP_BLOCK_TYPES,
+    Block,
+    UNetMidBlock2DCrossAttn,
+    add_residuals,
+    intrablock_feature,
+    per_level,
 )
 
 Dtype = Any
-DOWN_BLOCK_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")
-UP_BLOCK_TYPES = ("CrossAttnUpBlock2D", "UpBlock2D")
-
-
-def _per_level(value, n: int) -> tuple:
-    """diffusers accepts an int (same for every level) or one value per level."""
-    if isinstance(value, int) or value is None:
-        return (value,) * n
-    if len(value) != n:
-        raise ValueError(f"expected {n} per-level values, got {value}")
-    return tuple(value)
-
-
-# Rematerialization of the U-Net's resnet and transformer blocks (`remat_policy`): what the
-# backward pass may keep from the forward pass instead of recomputing it (Chen et al. 2016,
-# "Training Deep Nets with Sublinear Memory Cost"; jax.checkpoint policies).
-REMAT_POLICIES = {
-    "none": None,  # no remat: every activation is stored
-    "full": "nothing_saveable",  # store only block inputs, recompute the rest
-    "dots": "dots_with_no_batch_dims_saveable",  # keep linear-layer outputs, recompute the rest
-}
-
-
-def _remat(module_cls, policy: str):
-    """`module_cls` itself, or its `nn.remat` version whose `train` argument (the third after
-    self) is static."""
-    if policy not in REMAT_POLICIES:
-        raise ValueError(f"unknown remat_policy {policy!r}; valid: {', '.join(REMAT_POLICIES)}")
-    if REMAT_POLICIES[policy] is None:
-        return module_cls
-    saveable = getattr(jax.checkpoint_policies, REMAT_POLICIES[policy])
-    return nn.remat(module_cls, policy=saveable, static_argnums=(3,))
-
-
-class _Block(nn.Module):
-    """One U-Net level: diffusers' `CrossAttnDownBlock2D` / `DownBlock2D` (`up=False`) or
-    `CrossAttnUpBlock2D` / `UpBlock2D` (`up=True`), one module parameterized by `cross_attention`.
-
-    Down: (resnet -> [transformer]) x num_layers -> [downsampler]; returns (h, skips) where skips
-    are every resnet/transformer output and the downsampler output, as diffusers' `res_samples`.
-    Up: (concat(h, skip.pop()) -> resnet -> [transformer]) x num_layers -> [upsampler].
-    """
-
-    out_channels: int
-    num_layers: int
-    up: bool = False
-    cross_attention: bool = True
-    resample: bool = True  # add_downsample / add_upsample (False on the last level)
-    heads: int = 8
-    transformer_layers: int = 1
-    norm_groups: int = 32
-    norm_eps: float = 1e-5
-    dropout: float = 0.0
-    use_linear_projection: bool = False
-    upcast_attention: bool = False
-    attention_implementation: str | None = None
-    remat_policy: str = "none"
-    dtype: Dtype = jnp.float32
-    num_ip_adapters: int = 0
-
-    @nn.compact
-    def __call__(
-        self,
-        h,
-        temb,
-        context,
-        skips: Sequence[jax.Array] = (),
-        train: bool = False,
-        ip_hidden_states: Sequence[jax.Array] = (),
-        ip_scales: jax.Array | None = None,
-        intrablock: jax.Array | None = None,
-    ):
-        resnet = _remat(ResnetBlock2D, self.remat_policy)
-        transformer = _remat(Transformer2DModel, self.remat_policy)
-        skips = list(skips)
-        outputs = []
-        for j in range(self.num_layers):
-            if self.up:
-                h = jnp.concatenate([h, skips.pop()], axis=-1)
-            h = resnet(
-                self.out_channels,
-                self.norm_groups,
-                self.norm_eps,
-                self.dropout,
-                dtype=self.dtype,
-                name=f"resnets_{j}",
-            )(h, temb, train)
-            if self.cross_attention:
-                h = transformer(
-                    **_transformer_fields(self, self.out_channels), name=f"attentions_{j}"
-                )(h, context, train, ip_hidden_states, ip_scales)
-            if intrablock is not None and j == self.num_layers - 1:  # T2I-Adapter (down only)
-                h = h + intrablock
-            outputs.append(h)
-        if self.resample and self.up:
-            h = Upsample2D(self.out_channels, self.dtype, name="upsamplers_0")(h)
-        elif self.resample:
-            h = Downsample2D(self.out_channels, 1, self.dtype, name="downsamplers_0")(h)
-            outputs.append(h)
-        return h if self.up else (h, tuple(outputs))
-
-
-def _transformer_fields(block, width: int) -> dict:
-    """`Transformer2DModel` fields of a down / up / mid block (`_Block`, the mid block) at `width`
-    channels."""
-    return dict(
-        heads=block.heads,
-        dim_head=width // block.heads,
-        num_layers=block.transformer_layers,
-        norm_groups=block.norm_groups,
-        use_linear_projection=block.use_linear_projection,
-        upcast_attention=block.upcast_attention,
-        attention_implementation=block.attention_implementation,
-        dtype=block.dtype,
-        num_ip_adapters=block.num_ip_adapters,
-    )
-
-
-def _intrablock(adapter: list, cross: bool, shape: tuple, dtype) -> jax.Array | None:
-    """The next T2I-Adapter feature for a cross-attention down block (popped and checked against
-    the shape of its last transformer's output), else None."""
-    if not (adapter and cross):
-        return None
-    (feature,) = _add_residuals([jnp.zeros(shape, dtype)], [adapter.pop(0)], dtype, "down block")
-    return feature
-
-
-def _add_residuals(features, residuals, dtype, what: str = "skip connection") -> list:
-    """features[i] + residuals[i], the counts and shapes checked (ControlNet's outputs)."""
-    residuals = list(residuals)
-    if len(residuals) != len(features):
-        raise ValueError(
-            f"{len(residuals)} additional residuals for {len(features)} {what}s of this U-Net"
-        )
-    for i, (f, r) in enumerate(zip(features, residuals)):
-        if r.shape != f.shape:
-            raise ValueError(f"additional residual {i} has shape {r.shape}, its {what} {f.shape}")
-    return [f + r.astype(dtype) for f, r in zip(features, residuals)]
-
-
-class UNetMidBlock2DCrossAttn(nn.Module):
-    """diffusers `UNetMidBlock2DCrossAttn`: resnets_0 -> attentions_0 -> resnets_1 (num_layers=1)."""
-
-    heads: int
-    transformer_layers: int = 1
-    norm_groups: int = 32
-    norm_eps: float = 1e-5
-    dropout: float = 0.0
-    use_linear_projection: bool = False
-    upcast_attention: bool = False
-    attention_implementation: str | None = None
-    remat_policy: str = "none"
-    dtype: Dtype = jnp.float32
-    num_ip_adapters: int = 0
-
-    @nn.compact
-    def __call__(self, h, temb, context, train: bool = False, ip_hidden_states=(), ip_scales=None):
-        c = h.shape[-1]
-        res = lambda i: _remat(ResnetBlock2D, self.remat_policy)(
-            c, self.norm_groups, self.norm_eps, self.dropout, dtype=self.dtype, name=f"resnets_{i}"
-        )
-        h = res(0)(h, temb, train)
-        h = _remat(Transformer2DModel, self.remat_policy)(
-            **_transformer_fields(self, c), name="attentions_0"
-        )(h, context, train, ip_hidden_states, ip_scales)
-        return res(1)(h, temb, train)
 
 
 class UNet2DConditionModel(nn.Module):
@@ -254,8 +89,8 @@ class UNet2DConditionModel(nn.Module):
     # IP-Adapter (Ye et al. 2023): image-prompt token streams read by every cross-attention layer
     # through their own key / value projections (layers.Attention); 0 = the plain U-Net.
     num_ip_adapters: int = 0
-    attention_implementation: str | None = None  # layers.ATTENTION_IMPLEMENTATIONS; None = auto
-    remat_policy: str = "none"  # REMAT_POLICIES: recompute block activations in the backward pass
+    attention_implementation: str | None = None  # attention.ATTENTION_IMPLEMENTATIONS; None = auto
+    remat_policy: str = "none"  # unet_blocks.REMAT_POLICIES: block recompute in backward
     dtype: Dtype = jnp.float32
 
     @nn.compact
@@ -273,6 +108,7 @@ class UNet2DConditionModel(nn.Module):
         down_intrablock_additional_residuals: Sequence[jax.Array] | None = None,
         ip_hidden_states: Sequence[jax.Array] = (),
         ip_adapter_scale: float | Sequence[float] = 1.0,
+        ip_adapter_masks: Sequence[jax.Array | None] | None = None,
     ) -> jax.Array:
         """Predict the model output (eps / v / x0, per the training objective).
 
@@ -296,7 +132,13 @@ class UNet2DConditionModel(nn.Module):
             shape is the mid block's output's is added there (T2I-Adapter-XL).
           ip_hidden_states: num_ip_adapters arrays [B, S_i, cross_attention_dim], the image-prompt
             tokens of each IP-Adapter (its image projection's output), with `ip_adapter_scale`
-            (one value, or one per adapter) weighting each stream's attention output.
+            weighting each stream's attention output: one value, one per adapter, or
+            f32[num_ip_layers, num_ip_adapters], one per cross-attention module (diffusers'
+            per-block scales, `ip_adapter_layer_scales`).
+          ip_adapter_masks: None, or per adapter None or f32[I, H, W] (diffusers'
+            `ip_adapter_masks` after `IPAdapterMaskProcessor`, batch dimension dropped): that
+            adapter's tokens are I images' equal groups, each attended alone and weighted by its
+            mask resampled to every layer's resolution (`layers.ip_mask_weights`).
           All three as diffusers' `UNet2DConditionModel.forward`; without them the network and
           its parameters are exactly the plain U-Net's.
         Returns:
@@ -307,10 +149,82 @@ class UNet2DConditionModel(nn.Module):
         if sample.shape[1] % factor or sample.shape[2] % factor:
             # diffusers then upsamples to the skip's size; we keep the exact x2 path only.
             raise ValueError(f"latent H, W must be divisible by {factor}, got {sample.shape}")
-        heads = _per_level(self.num_attention_heads or self.attention_head_dim, n)
-        layers = _per_level(self.layers_per_block, n)
-        tlayers = _per_level(self.transformer_layers_per_block, n)
-        common = {
+        if len(ip_hidden_states) != self.num_ip_adapters:
+            raise ValueError(
+                f"{len(ip_hidden_states)} ip_hidden_states for a U-Net with "
+                f"num_ip_adapters={self.num_ip_adapters}"
+            )
+        scales = jnp.asarray(ip_adapter_scale, jnp.float32)
+        if scales.ndim < 2:
+            scales = jnp.broadcast_to(scales, (self.num_ip_adapters,))
+        rows = self.num_ip_layers
+        scales = jnp.broadcast_to(scales, (rows, self.num_ip_adapters))  # checks a given shape
+        masks = tuple(ip_adapter_masks or (None,) * self.num_ip_adapters)
+        if len(masks) != self.num_ip_adapters:
+            raise ValueError(f"{len(masks)} ip_adapter_masks for {self.num_ip_adapters} adapters")
+        ip = (tuple(s.astype(self.dtype) for s in ip_hidden_states), scales, masks)
+        emb = self._time_embedding(sample.shape[0], timesteps, added_cond_kwargs, timestep_cond)
+        context = encoder_hidden_states.astype(self.dtype)
+
+        # Down path; `skips` are diffusers' down_block_res_samples.
+        adapter = list(down_intrablock_additional_residuals or ())
+        h, skips = self._down(sample.astype(self.dtype), emb, context, train, ip, adapter)
+        if down_block_additional_residuals is not None:
+            skips = add_residuals(skips, down_block_additional_residuals, self.dtype)
+
+        # Middle.
+        heads, _, transformer_layers = self._levels()
+        h = UNetMidBlock2DCrossAttn(
+            heads[-1], transformer_layers[-1], name="mid_block", **self._common()
+        )(h, emb, context, train, ip[0], ip[1][-1], ip[2])  # its scales: the last row
+        if adapter and adapter[0].shape == h.shape:  # T2I-Adapter-XL's last feature
+            h = h + adapter.pop(0).astype(self.dtype)
+        if adapter:
+            shapes = [tuple(a.shape) for a in adapter]
+            raise ValueError(
+                f"{len(adapter)} down_intrablock_additional_residuals unused: {shapes}"
+            )
+        if mid_block_additional_residual is not None:
+            (h,) = add_residuals([h], [mid_block_additional_residual], self.dtype, "mid block")
+
+        # Up path, then out.
+        h = self._up(h, skips, emb, context, train, ip)
+        h = nn.silu(group_norm(self.norm_num_groups, self.norm_eps, self.dtype, "conv_norm_out")(h))
+        h = conv(self.out_channels, 3, self.dtype, "conv_out")(h)
+        return h.astype(jnp.float32)
+
+    def ip_layer_rows(self) -> dict[str, list[slice]]:
+        """Rows of a per-layer `ip_adapter_scale` ([num_ip_layers, num_ip_adapters]) that each
+        down and up block reads, one per cross-attention module, in diffusers' order of
+        `attn_processors`: down blocks, up blocks, then the mid block (the last row)."""
+        _, layers, _ = self._levels()
+        n, row, out = len(self.block_out_channels), 0, {"down": [], "up": []}
+        blocks = [("down", i, b, layers[i]) for i, b in enumerate(self.down_block_types)]
+        blocks += [("up", i, b, layers[n - 1 - i] + 1) for i, b in enumerate(self.up_block_types)]
+        for where, _, block_type, count in blocks:
+            count = count if block_type.startswith("CrossAttn") else 0
+            out[where].append(slice(row, row + count))
+            row += count
+        return out
+
+    @property
+    def num_ip_layers(self) -> int:
+        """Cross-attention modules (`attentions_j`) in the network, the mid block's included."""
+        return self.ip_layer_rows()["up"][-1].stop + 1
+
+    def _levels(self) -> tuple[list, list, list]:
+        """(heads, resnets, transformer layers) per level."""
+        n = len(self.block_out_channels)
+        heads = per_level(self.num_attention_heads or self.attention_head_dim, n)
+        return (
+            heads,
+            per_level(self.layers_per_block, n),
+            per_level(self.transformer_layers_per_block, n),
+        )
+
+    def _common(self) -> dict:
+        """The fields every block shares."""
+        return {
             "norm_groups": self.norm_num_groups,
             "norm_eps": self.norm_eps,
             "dropout": self.dropout,
@@ -321,18 +235,10 @@ class UNet2DConditionModel(nn.Module):
             "dtype": self.dtype,
             "num_ip_adapters": self.num_ip_adapters,
         }
-        if len(ip_hidden_states) != self.num_ip_adapters:
-            raise ValueError(
-                f"{len(ip_hidden_states)} ip_hidden_states for a U-Net with "
-                f"num_ip_adapters={self.num_ip_adapters}"
-            )
-        ip_scales = jnp.broadcast_to(
-            jnp.asarray(ip_adapter_scale, jnp.float32), (self.num_ip_adapters,)
-        )
-        ip = (tuple(s.astype(self.dtype) for s in ip_hidden_states), ip_scales)
 
-        # 1. time: sinusoidal features (width block_out_channels[0]) -> MLP to 4x that width.
-        batch = sample.shape[0]
+    def _time_embedding(self, batch: int, timesteps, added_cond_kwargs, timestep_cond):
+        """Sinusoidal features of t (width block_out_channels[0]) -> MLP to 4x that width, plus
+        LCM's guidance embedding and SDXL's added conditioning: [B, 4 * block_out_channels[0]]."""
         t = jnp.broadcast_to(jnp.asarray(timesteps, jnp.float32), (batch,))
         t_emb = get_timestep_embedding(
             t, self.block_out_channels[0], self.flip_sin_to_cos, self.freq_shift
@@ -341,19 +247,23 @@ class UNet2DConditionModel(nn.Module):
         emb = TimestepEmbedding(
             time_embed_dim, self.dtype, cond_proj_dim=self.time_cond_proj_dim, name="time_embedding"
         )(t_emb.astype(self.dtype), timestep_cond)
-        emb = emb + self._added_embedding(added_cond_kwargs, time_embed_dim)
-        context = encoder_hidden_states.astype(self.dtype)
+        return emb + self._added_embedding(added_cond_kwargs, time_embed_dim)
 
-        # 2. down path; `skips` are diffusers' down_block_res_samples.
-        h = conv(self.block_out_channels[0], 3, self.dtype, "conv_in")(sample.astype(self.dtype))
+    def _down(self, sample, emb, context, train, ip, adapter: list):
+        """conv_in and the down blocks -> (h, skips); T2I-Adapter features are popped from
+        `adapter` as the blocks use them."""
+        n = len(self.block_out_channels)
+        heads, layers, tlayers = self._levels()
+        rows = self.ip_layer_rows()
+        h = conv(self.block_out_channels[0], 3, self.dtype, "conv_in")(sample)
         skips = [h]
-        adapter = list(down_intrablock_additional_residuals or ())
         for i, block_type in enumerate(self.down_block_types):
             if block_type not in DOWN_BLOCK_TYPES:
                 raise ValueError(f"unknown down block type {block_type}")
             cross = block_type.startswith("CrossAttn")
-            h, res = _Block(
-                self.block_out_channels[i],
+            width = self.block_out_channels[i]
+            h, res = Block(
+                width,
                 layers[i],
                 up=False,
                 cross_attention=cross,
@@ -361,47 +271,29 @@ class UNet2DConditionModel(nn.Module):
                 heads=heads[i],
                 transformer_layers=tlayers[i],
                 name=f"down_blocks_{i}",
-                **common,
+                **self._common(),
             )(
-                h,
-                emb,
-                context,
-                (),
-                train,
-                *ip,
-                intrablock=_intrablock(
-                    adapter, cross, (*h.shape[:3], self.block_out_channels[i]), self.dtype
-                ),
-            )
+                h, emb, context, (), train, ip[0], ip[1][rows["down"][i]], ip[2],
+                intrablock=intrablock_feature(adapter, cross, (*h.shape[:3], width), self.dtype),
+            )  # fmt: skip
             if adapter and not cross:  # added to the block's output, its last skip too
-                h = _add_residuals([h], [adapter.pop(0)], self.dtype, "down block output")[0]
+                h = add_residuals([h], [adapter.pop(0)], self.dtype, "down block output")[0]
                 res = (*res[:-1], h)
             skips.extend(res)
-        if down_block_additional_residuals is not None:
-            skips = _add_residuals(skips, down_block_additional_residuals, self.dtype)
+        return h, skips
 
-        # 3. middle
-        h = UNetMidBlock2DCrossAttn(heads[-1], tlayers[-1], name="mid_block", **common)(
-            h, emb, context, train, *ip
-        )
-        if adapter and adapter[0].shape == h.shape:  # T2I-Adapter-XL's last feature
-            h = h + adapter.pop(0).astype(self.dtype)
-        if adapter:
-            shapes = [tuple(a.shape) for a in adapter]
-            raise ValueError(
-                f"{len(adapter)} down_intrablock_additional_residuals unused: {shapes}"
-            )
-        if mid_block_additional_residual is not None:
-            (h,) = _add_residuals([h], [mid_block_additional_residual], self.dtype, "mid block")
-
-        # 4. up path: level i mirrors down level n-1-i and consumes layers+1 skips.
+    def _up(self, h, skips, emb, context, train, ip):
+        """The up blocks: level i mirrors down level n-1-i and consumes layers+1 skips."""
+        n = len(self.block_out_channels)
+        heads, layers, tlayers = self._levels()
+        rows = self.ip_layer_rows()
         for i, block_type in enumerate(self.up_block_types):
             if block_type not in UP_BLOCK_TYPES:
                 raise ValueError(f"unknown up block type {block_type}")
             level = n - 1 - i
             num = layers[level] + 1
             res, skips = skips[-num:], skips[:-num]
-            h = _Block(
+            h = Block(
                 self.block_out_channels[level],
                 num,
                 up=True,
@@ -410,13 +302,9 @@ class UNet2DConditionModel(nn.Module):
                 heads=heads[level],
                 transformer_layers=tlayers[level],
                 name=f"up_blocks_{i}",
-                **common,
-            )(h, emb, context, res, train, *ip)
-
-        # 5. out
-        h = nn.silu(group_norm(self.norm_num_groups, self.norm_eps, self.dtype, "conv_norm_out")(h))
-        h = conv(self.out_channels, 3, self.dtype, "conv_out")(h)
-        return h.astype(jnp.float32)
+                **self._common(),
+            )(h, emb, context, res, train, ip[0], ip[1][rows["up"][i]], ip[2])
+        return h
 
     def _added_embedding(self, added_cond_kwargs, time_embed_dim: int):
         """Extra terms added to the timestep embedding; 0 for SD1/2 (diffusers `get_aug_embed`)."""
@@ -542,3 +430,61 @@ def unet_from_variant(name: str, **overrides) -> UNet2DConditionModel:
         if isinstance(fields.get(key), list):
             fields[key] = tuple(fields[key])
     return UNet2DConditionModel(**fields)
+
+
+def ip_adapter_layer_scales(unet: UNet2DConditionModel, scale) -> np.ndarray:
+    """diffusers' `set_ip_adapter_scale(scale)` as the U-Net's per-layer `ip_adapter_scale`:
+    f32[num_ip_layers, num_ip_adapters].
+
+    scale: one config for every adapter, or a list with one per adapter; a config is a number
+    (every layer) or a dict of per-block scales (the InstantStyle recipes, e.g. "style only"
+    {"up": {"block_0": [0.0, 1.0, 0.0]}}), expanded as diffusers'
+    `_maybe_expand_lora_scales_for_one_adapter` does with default 0: "mid" a number (or a list of
+    one); "down" / "up" a number (every block with attention) or {"block_i": number, or a list
+    of one, or one per attention module of the block}; what is not named is 0; a block without
+    attention is ignored.
+    """
+    configs = list(scale) if isinstance(scale, (list, tuple)) else [scale]
+    adapters = unet.num_ip_adapters
+    if len(configs) == 1:
+        configs = configs * adapters
+    if len(configs) != adapters:
+        raise ValueError(f"{len(configs)} IP-Adapter scale configs for {adapters} adapters")
+    rows = unet.ip_layer_rows()
+    out = np.zeros((unet.num_ip_layers, adapters), np.float32)
+    for a, config in enumerate(configs):
+        if not isinstance(config, dict):
+            out[:, a] = float(config)
+            continue
+        unknown = sorted(set(config) - {"down", "mid", "up"})
+        if unknown:
+            raise ValueError(f"IP-Adapter scale keys {unknown}; valid: down, mid, up")
+        mid = config.get("mid", 0.0)
+        if isinstance(mid, (list, tuple)):
+            if len(mid) != 1:
+                raise ValueError(f"expected 1 scale for mid, got {len(mid)}")
+            mid = mid[0]
+        out[-1, a] = float(mid)
+        for where in ("down", "up"):
+            blocks = config.get(where, 0.0)
+            for i, rows_i in enumerate(rows[where]):
+                count = rows_i.stop - rows_i.start
+                if not count:
+                    continue  # no attention in this block
+                value = blocks.get(f"block_{i}", 0.0) if isinstance(blocks, dict) else blocks
+                values = list(value) if isinstance(value, (list, tuple)) else [value]
+                if len(values) == 1:
+                    values = values * count
+                if len(values) != count:
+                    raise ValueError(
+                        f"expected {count} scales for {where}.block_{i}, got {len(values)}"
+                    )
+                out[rows_i, a] = values
+            if isinstance(blocks, dict):
+                valid = {f"block_{i}" for i in range(len(rows[where]))}
+                if set(blocks) - valid:
+                    raise ValueError(
+                        f"IP-Adapter scale {where} names {sorted(set(blocks) - valid)}; "
+                        f"this U-Net's {where} blocks: {', '.join(sorted(valid))}"
+                    )
+    return out

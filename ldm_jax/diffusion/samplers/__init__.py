@@ -23,7 +23,8 @@ Timesteps and sigmas are computed on the host from the static `num_steps`, so ch
 prompts or guidance scale reuses the compiled loop.
 
 Families live in their own modules: `ddim_ddpm` (DDIM, DDPM), `k_diffusion` (sigma-space samplers of
-Karras et al. 2022 / k-diffusion: Euler, Heun, LMS, DPM2 and ancestral variants), `pndm`, `lcm`,
+Karras et al. 2022 / k-diffusion: Euler, LMS, ancestral Euler, DPM-Solver++ SDE) and
+`k_diffusion_two_stage` (Heun, DPM2, ancestral DPM2), `pndm`, `lcm`,
 `dpm_solver` (DPM-Solver / DPM-Solver++ single- and multistep, SDE variants), `unipc`, `deis`.
 """
 
@@ -149,6 +150,7 @@ from ldm_jax.diffusion.samplers import (  # noqa: E402
     deis,  # noqa: F401
     dpm_solver,  # noqa: F401
     k_diffusion,  # noqa: F401
+    k_diffusion_two_stage,  # noqa: F401
     lcm,  # noqa: F401
     pndm,  # noqa: F401
     unipc,  # noqa: F401
