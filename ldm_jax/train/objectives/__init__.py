@@ -24,6 +24,7 @@ OBJECTIVES: dict[str, str | Callable] = {
     "ldm": "ldm_jax.train.objectives.ldm:build",  # text-to-image denoising from scratch
     "finetune": "ldm_jax.train.objectives.finetune:build",  # denoising on a pretrained model
     "distill": "ldm_jax.train.objectives.distill:build",  # progressive distillation
+    "lora": "ldm_jax.train.objectives.lora:build",  # a LoRA of a pretrained or trained model
 }
 
 

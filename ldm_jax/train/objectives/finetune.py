@@ -340,15 +340,17 @@ def make_loss_fn(objective: Objective):
 # --- Samples and export --------------------------------------------------------------------------
 
 
-def make_on_sample(config, model, workdir: pathlib.Path):
-    """on_sample(step, state): a grid of the sample prompts with the EMA U-Net, one per column."""
+def make_on_sample(config, model, workdir: pathlib.Path, unet_params=None):
+    """on_sample(step, state): a grid of the sample prompts, one per column, with the U-Net
+    `unet_params(state)` gives (default: the EMA U-Net)."""
     prompts = list(config.sample.prompts)
+    unet_params = unet_params or (lambda state: state.averaged()["unet"])
 
     def on_sample(step, state):
         if not prompts:
             return None
         images = generate(
-            with_params(model, state.averaged()["unet"], state.frozen),
+            with_params(model, unet_params(state), state.frozen),
             prompts,
             num_inference_steps=config.sample.num_inference_steps,
             guidance_scale=config.sample.guidance_scale,

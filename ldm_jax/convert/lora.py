@@ -1,0 +1,183 @@
+"""LoRA files in and out: diffusers / PEFT state dicts (`pytorch_lora_weights.safetensors`).
+
+The diffusers layout (`StableDiffusionPipeline.save_lora_weights`, PEFT's
+`get_peft_model_state_dict`): `<component>.<module>.lora_A.weight` f32[r, in] (a Linear) or
+f32[r, in, kh, kw] (a Conv2d), `<component>.<module>.lora_B.weight` f32[out, r] or
+f32[out, r, 1, 1], with component "unet", "text_encoder" or "text_encoder_2"; the older
+`lora.down` / `lora.up` spellings name the same two matrices. Alpha comes from the file's
+`lora_adapter_metadata` (diffusers >= 0.33 writes PEFT's `lora_alpha` there, with per-module
+`alpha_pattern` / `rank_pattern`), else alpha = rank, as diffusers loads it.
+
+Here an adapter is `ldm_jax.models.adapters.lora.Adapter`: a tree shaped like the component's
+parameters ({"params": {... layer: {"lora_A": A, "lora_B": B}}}, A and B transposed to the flax
+kernel layouts [in, r] / [kh, kw, in, r] and [r, out] / [1, 1, r, out]).
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import re
+from collections.abc import Mapping
+
+import numpy as np
+from flax import traverse_util
+
+from ldm_jax.convert.naming import flax_path_to_torch_key, torch_key_to_flax_path
+from ldm_jax.convert.state_dict import CheckpointError, read_state_dict
+from ldm_jax.models.adapters.lora import Adapter
+
+COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # diffusers' file name
+_PEFT_KEY = re.compile(r"^(.+)\.(lora_A|lora_B|lora\.down|lora\.up|lora_down|lora_up)\.weight$")
+_ROLE = {"lora_A": "lora_A", "lora.down": "lora_A", "lora_down": "lora_A"}
+_ROLE |= {"lora_B": "lora_B", "lora.up": "lora_B", "lora_up": "lora_B"}
+# Variants that are not LoRA: named, never silently dropped.
+_UNSUPPORTED = {
+    "lora_magnitude_vector": "DoRA",
+    "hada_w1": "LoHa",
+    "lokr_w1": "LoKr",
+    "lora_embedding_A": "embedding LoRA",
+}
+
+
+def _to_flax(array: np.ndarray) -> np.ndarray:
+    """A PyTorch Linear / Conv2d weight ([out, in] / [out, in, kh, kw]) in flax's kernel layout."""
+    array = np.asarray(array, np.float32)
+    if array.ndim == 2:
+        return array.T
+    if array.ndim == 4:
+        return array.transpose(2, 3, 1, 0)
+    raise CheckpointError(f"a LoRA weight of shape {array.shape}: neither Linear nor Conv2d")
+
+
+def _to_torch(array: np.ndarray) -> np.ndarray:
+    array = np.asarray(array, np.float32)
+    return array.T if array.ndim == 2 else array.transpose(3, 2, 0, 1)
+
+
+def peft_state_dict_to_adapters(state_dict: Mapping[str, np.ndarray]) -> dict[str, dict]:
+    """{component: adapter tree} of a diffusers / PEFT LoRA state dict (keys with their
+    component prefix). Keys of other forms, unsupported variants and half pairs are errors that
+    list them."""
+    flat: dict[str, dict] = {}
+    unknown = []
+    for key in state_dict:
+        for marker, variant in _UNSUPPORTED.items():
+            if marker in key:
+                raise CheckpointError(
+                    f"{key!r} belongs to a {variant} adapter, which ldm_jax does not load "
+                    "(LoRA only)"
+                )
+        component, _, rest = key.partition(".")
+        match = _PEFT_KEY.match(rest)
+        if component not in COMPONENTS or match is None:
+            unknown.append(key)
+            continue
+        module, role = match.groups()
+        path = torch_key_to_flax_path(module + ".x")[:-1]
+        flat.setdefault(component, {})[(*path, _ROLE[role])] = _to_flax(state_dict[key])
+    if unknown:
+        shown = ", ".join(unknown[:8]) + (
+            f" and {len(unknown) - 8} more" if len(unknown) > 8 else ""
+        )
+        raise CheckpointError(
+            f"{len(unknown)} keys are not diffusers / PEFT LoRA weights "
+            f"(<{'|'.join(COMPONENTS)}>.<module>.lora_A|lora_B.weight): {shown}"
+        )
+    adapters = {}
+    for component, tensors in flat.items():
+        layers = {p[:-1] for p in tensors}
+        half = sorted("/".join(p) for p in layers if len({r for r in tensors if r[:-1] == p}) != 2)
+        if half:
+            raise CheckpointError(f"{component}: LoRA layers without both A and B: {half}")
+        adapters[component] = {"params": traverse_util.unflatten_dict(tensors)}
+    return adapters
+
+
+def _peft_config(metadata: Mapping[str, str] | None, component: str) -> dict | None:
+    """PEFT's LoraConfig fields of `component` from a file's `lora_adapter_metadata` (diffusers
+    writes them flat with a component prefix, "unet.lora_alpha"; a single-model file has none)."""
+    raw = (metadata or {}).get("lora_adapter_metadata")
+    if raw is None:
+        return None
+    config = json.loads(raw)
+    prefix = f"{component}."
+    nested = {k[len(prefix) :]: v for k, v in config.items() if k.startswith(prefix)}
+    return nested or config
+
+
+def _alphas(config: dict | None, tree: dict):
+    r"""diffusers' alpha of each layer: PEFT's `alpha_pattern` (a module-name pattern matched as
+    PEFT does, `(.*\.)?(pattern)$`), else `lora_alpha`; None without either (alpha = rank)."""
+    if not config or "lora_alpha" not in config:
+        return None
+    default = float(config["lora_alpha"])
+    patterns = config.get("alpha_pattern") or {}
+    if not patterns:
+        return default
+    out = {}
+    for path in traverse_util.flatten_dict(tree.get("params", tree)):
+        if path[-1] != "lora_A":
+            continue
+        name = flax_path_to_torch_key((*path[:-1], "weight"))[: -len(".weight")]
+        matched = [v for k, v in patterns.items() if re.match(rf"(.*\.)?({k})$", name)]
+        out[path[:-1]] = float(matched[0]) if matched else default
+    return out
+
+
+def read_lora(path: str | pathlib.Path, weight: float = 1.0) -> dict[str, Adapter]:
+    """{component: Adapter} of a diffusers / PEFT LoRA file (safetensors, or a pickle through
+    `torch.load(weights_only=True)`), with alpha from its metadata and this weight."""
+    path = pathlib.Path(path)
+    state_dict = read_state_dict(path)
+    metadata = None
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="np") as handle:
+            metadata = handle.metadata()
+    out = {}
+    for component, tree in peft_state_dict_to_adapters(state_dict).items():
+        out[component] = Adapter(tree, _alphas(_peft_config(metadata, component), tree), weight)
+    return out
+
+
+def adapters_to_peft_state_dict(adapters: Mapping[str, Adapter]) -> dict[str, np.ndarray]:
+    """The inverse of `peft_state_dict_to_adapters`: {"<component>.<module>.lora_A.weight": ...}
+    in PyTorch layouts."""
+    out = {}
+    for component, adapter in adapters.items():
+        flat = traverse_util.flatten_dict(adapter.params.get("params", adapter.params))
+        for path, value in flat.items():
+            module = flax_path_to_torch_key((*path[:-1], "weight"))[: -len(".weight")]
+            out[f"{component}.{module}.{path[-1]}.weight"] = _to_torch(np.asarray(value))
+    return out
+
+
+def save_lora(out_dir, adapters: Mapping[str, Adapter], targets) -> pathlib.Path:
+    """Write `adapters` ({component: Adapter}) as diffusers does (`save_lora_weights`):
+    `<out_dir>/pytorch_lora_weights.safetensors`, PyTorch layouts, and PEFT's config per
+    component in the `lora_adapter_metadata` (rank, alpha, targets), so that diffusers'
+    `load_lora_weights(out_dir)` builds the same adapter. Replaces the file only when complete."""
+    from safetensors.numpy import save_file
+
+    out_dir = pathlib.Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    metadata = {}
+    for component, adapter in adapters.items():
+        flat = traverse_util.flatten_dict(adapter.params.get("params", adapter.params))
+        ranks = {p[:-1]: v.shape[-1] for p, v in flat.items() if p[-1] == "lora_A"}
+        rank = max(ranks.values())
+        if isinstance(adapter.alpha, Mapping) or len(set(ranks.values())) > 1:
+            raise NotImplementedError("writing per-layer ranks or alphas is not supported yet")
+        alpha = rank if adapter.alpha is None else float(adapter.alpha)
+        config = {"r": rank, "lora_alpha": alpha, "target_modules": sorted(targets)}
+        metadata |= {f"{component}.{k}": v for k, v in config.items()}
+    tensors = adapters_to_peft_state_dict(adapters)
+    path = out_dir / LORA_WEIGHT_NAME
+    tmp = path.with_name(path.name + ".tmp")
+    header = {"format": "pt", "lora_adapter_metadata": json.dumps(metadata, sort_keys=True)}
+    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp), header)
+    tmp.replace(path)
+    return path

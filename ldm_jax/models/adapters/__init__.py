@@ -1,0 +1,1 @@
+"""Adapters that attach to a model's own layers: LoRA (`lora.py`)."""

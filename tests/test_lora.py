@@ -1,0 +1,226 @@
+"""LoRA (ldm_jax/models/adapters/lora.py, ldm_jax/convert/lora.py) against peft and diffusers:
+adapters built with peft on a tiny random diffusers U-Net (`init_lora_weights=False`, so B is
+not zero and the test proves something), over attention, feed-forward, projection and conv
+layers, two at once with weights; unfused (method interception) and fused; read from the file
+diffusers' `save_lora_weights` writes, alpha from its metadata."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import traverse_util
+
+from ldm_jax.convert.diffusers import convert_state_dict
+from ldm_jax.convert.lora import (
+    adapters_to_peft_state_dict,
+    peft_state_dict_to_adapters,
+    read_lora,
+)
+from ldm_jax.convert.state_dict import CheckpointError
+from ldm_jax.models.adapters import lora
+from ldm_jax.models.unet import UNet2DConditionModel
+
+torch = pytest.importorskip("torch")
+peft = pytest.importorskip("peft")
+
+FIELDS = {
+    "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
+    "block_out_channels": [32, 64],
+    "layers_per_block": 1,
+    "attention_head_dim": 2,
+    "cross_attention_dim": 48,
+    "norm_num_groups": 8,
+}
+# Attention (diffusers' default), feed-forward, projections and the resnets' convolutions
+# (a conv LoRA: A a 3x3 conv, B 1x1).
+TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "proj_in", "conv1", "conv2"]
+
+
+@pytest.fixture(scope="module")
+def unet_pair():
+    import diffusers
+
+    torch.manual_seed(0)
+    ref = diffusers.UNet2DConditionModel(sample_size=8, **FIELDS).eval()
+    cfg = {k: tuple(v) if isinstance(v, list) else v for k, v in FIELDS.items()}
+    model = UNet2DConditionModel(**cfg)
+    state = {k: v.detach().numpy() for k, v in ref.state_dict().items()}
+    params = convert_state_dict("unet", model, state)
+    rng = np.random.default_rng(0)
+    inputs = (
+        rng.normal(size=(2, 8, 8, 4)).astype(np.float32),
+        np.array([3.0, 750.0], np.float32),
+        rng.normal(size=(2, 5, 48)).astype(np.float32),
+    )
+    return ref, model, params, inputs
+
+
+def _reference(ref, inputs):
+    x, t, ctx = inputs
+    with torch.no_grad():
+        out = ref(
+            torch.from_numpy(x.transpose(0, 3, 1, 2).copy()),
+            torch.from_numpy(t),
+            torch.from_numpy(ctx),
+        )
+    return out.sample.numpy().transpose(0, 2, 3, 1)
+
+
+def _add(ref, name, rank, alpha, targets):
+    from peft import LoraConfig, get_peft_model_state_dict
+
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, init_lora_weights=False)
+    torch.manual_seed(rank)
+    ref.add_adapter(config, adapter_name=name)
+    state = get_peft_model_state_dict(ref, adapter_name=name)
+    return config, {f"unet.{k}": v.detach().numpy() for k, v in state.items()}
+
+
+def test_two_peft_adapters_with_weights_unfused_and_fused(unet_pair):
+    ref, model, params, inputs = unet_pair
+    base = _reference(ref, inputs)
+    _, sd_a = _add(ref, "a", 4, 8, TARGETS)
+    _, sd_b = _add(ref, "b", 2, 2, ["to_k", "conv2"])
+    try:
+        ref.set_adapters(["a", "b"], weights=[0.7, 0.3])
+        want = _reference(ref, inputs)
+    finally:
+        ref.delete_adapters(["a", "b"])
+    a = lora.Adapter(peft_state_dict_to_adapters(sd_a)["unet"], alpha=8, weight=0.7)
+    b = lora.Adapter(peft_state_dict_to_adapters(sd_b)["unet"], alpha=2, weight=0.3)
+    flat = traverse_util.flatten_dict(a.params["params"])
+    assert any(v.ndim == 4 for p, v in flat.items() if p[-1] == "lora_A")  # conv LoRAs too
+
+    @jax.jit
+    def unfused(params, a_params, b_params, x, t, ctx):
+        adapters = [
+            lora.Adapter(a_params, 8, 0.7),
+            lora.Adapter(b_params, 2, 0.3),
+        ]
+        with lora.intercept(adapters):
+            return model.apply(params, x, t, ctx)
+
+    got = unfused(params, a.params, b.params, *inputs)
+    np.testing.assert_allclose(got, want, atol=3e-5, rtol=1e-4)
+    fused = jax.jit(model.apply)(lora.fuse(params, [a, b]), *inputs)
+    np.testing.assert_allclose(fused, got, atol=1e-5, rtol=0)
+    assert np.abs(want - base).max() > 1e-2  # the adapters matter
+    # The base tree is untouched by fuse ("unfuse" = the base): it still gives the base output.
+    np.testing.assert_allclose(jax.jit(model.apply)(params, *inputs), base, atol=2e-5, rtol=1e-4)
+
+
+def test_a_diffusers_lora_file_loads_with_its_alpha(unet_pair, tmp_path):
+    """`save_lora_weights` with the adapter metadata (alpha != rank); read back here and run at
+    weight 0.5 (diffusers' `lora_scale`), equal to diffusers' `set_adapters` weight 0.5."""
+    import diffusers
+
+    ref, model, params, inputs = unet_pair
+    config, state = _add(ref, "c", 4, 2, TARGETS)
+    try:
+        ref.set_adapters(["c"], weights=[0.5])
+        want = _reference(ref, inputs)
+    finally:
+        ref.delete_adapters(["c"])
+    diffusers.StableDiffusionPipeline.save_lora_weights(
+        tmp_path,
+        unet_lora_layers={k[len("unet.") :]: torch.from_numpy(v) for k, v in state.items()},
+        unet_lora_adapter_metadata=config.to_dict(),
+    )
+    adapter = read_lora(tmp_path / "pytorch_lora_weights.safetensors", weight=0.5)["unet"]
+    assert adapter.alpha == 2.0
+    got = jax.jit(model.apply)(lora.fuse(params, [adapter]), *inputs)
+    np.testing.assert_allclose(got, want, atol=3e-5, rtol=1e-4)
+    # ... and writes the same state dict back.
+    again = adapters_to_peft_state_dict({"unet": adapter})
+    assert sorted(again) == sorted(state)
+    for key, value in state.items():
+        np.testing.assert_array_equal(again[key], value)
+
+
+def test_init_starts_at_the_base_model_and_checks_targets(unet_pair):
+    _, model, params, inputs = unet_pair
+    fresh = lora.init(params, lora.ATTENTION_TARGETS, 4, jax.random.key(0))
+    layers = lora.targeted_layers(params, lora.ATTENTION_TARGETS)
+    assert len(layers) == 4 * 2 * 4  # 4 transformers (down 1, mid 1, up 2) x 2 attentions x 4
+    kernels = traverse_util.flatten_dict(params["params"])
+    shapes = [kernels[(*layer, "kernel")].shape for layer in layers]
+    assert lora.num_params(fresh) == sum(4 * (fan_in + fan_out) for fan_in, fan_out in shapes)
+    with lora.intercept([lora.Adapter(fresh, 4.0)]):
+        out = model.apply(params, *inputs)
+    np.testing.assert_array_equal(out, model.apply(params, *inputs))  # B = 0
+    bad = jax.tree.map(lambda x: x, fresh)
+    bad["params"]["no_such_layer"] = {"lora_A": jnp.zeros((2, 4)), "lora_B": jnp.zeros((4, 2))}
+    with pytest.raises(ValueError, match=r"1 layers not in the model: \['no_such_layer'\]"):
+        lora.fuse(params, [lora.Adapter(bad)])
+    with pytest.raises(ValueError, match="no Dense or Conv layer matches"):
+        lora.init(params, ["nope"], 4, jax.random.key(0))
+
+
+def test_bad_lora_files_are_named():
+    a = np.zeros((4, 32), np.float32)
+    with pytest.raises(CheckpointError, match="DoRA"):
+        peft_state_dict_to_adapters({"unet.x.to_q.lora_magnitude_vector": a})
+    with pytest.raises(CheckpointError, match="1 keys are not diffusers / PEFT LoRA weights"):
+        peft_state_dict_to_adapters({"vae.decoder.conv_in.lora_A.weight": a})
+    with pytest.raises(CheckpointError, match="without both A and B"):
+        peft_state_dict_to_adapters({"unet.mid_block.attentions.0.proj_in.lora_A.weight": a})
+
+
+@pytest.mark.slow
+def test_lora_training_end_to_end_loads_in_diffusers(tmp_path, clip_tokenizer_dir):
+    """`ldm-jax train --config configs/sd15_lora.py:smoke` on a tiny random SD checkpoint: only
+    the adapter trains and is checkpointed (the base's fingerprint beside it), a resume
+    continues, and the file written at the end loads in diffusers' `load_lora_weights` with
+    the U-Net output ours gives."""
+    import tiny_checkpoints as tiny
+    from PIL import Image
+
+    from conftest import REPO
+    from ldm_jax import cli
+    from ldm_jax.model import load_pretrained
+    from ldm_jax.runs import Checkpointer
+
+    pipe = tiny.sd_pipeline(
+        clip_tokenizer_dir,
+        block_out_channels=(32,),
+        down_block_types=("CrossAttnDownBlock2D",),
+        up_block_types=("CrossAttnUpBlock2D",),
+    )
+    folder, photos, workdir = tmp_path / "sd15", tmp_path / "photos", tmp_path / "run"
+    pipe.save_pretrained(folder, safe_serialization=True)
+    photos.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(8):
+        Image.fromarray(rng.integers(0, 256, (16, 20, 3), dtype=np.uint8)).save(photos / f"{i}.png")
+        (photos / f"{i}.txt").write_text(f"a red circle, photo {i}")
+    args = [
+        "train", "--config", str(REPO / "configs" / "sd15_lora.py") + ":smoke",
+        "--workdir", str(workdir), f"--config.pretrained={folder}",
+        f"--config.data.path={photos}", f"--config.data.data_dir={tmp_path / 'tfds'}",
+        "--config.sample.prompts=()", "--config.lora.targets=('to_q','to_v','conv1')",
+    ]  # fmt: skip
+    assert cli.main([*args, "--config.num_train_steps=2"]) == 0
+    assert cli.main([*args, "--config.num_train_steps=3"]) == 0  # resumes from step 2
+    checkpointer = Checkpointer(workdir, read_only=True)
+    saved = checkpointer.restore_raw(3)
+    assert set(saved["params"]) == {"lora"} and not saved.get("frozen")
+    assert "frozen_fingerprint" in checkpointer.read_meta(3)
+    flat = traverse_util.flatten_dict(saved["params"]["lora"])
+    assert all(p[-1] in ("lora_A", "lora_B") for p in flat)
+    assert any(np.abs(v).max() > 0 for p, v in flat.items() if p[-1] == "lora_B")  # trained
+
+    adapter = read_lora(workdir / "pytorch_lora_weights.safetensors")["unet"]
+    ours = load_pretrained(folder)
+    pipe.load_lora_weights(workdir)
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(2, 8, 8, 4)).astype(np.float32)
+    t = np.array([10.0, 700.0], np.float32)
+    ctx = rng.normal(size=(2, 77, 32)).astype(np.float32)
+    with torch.no_grad():
+        want = pipe.unet(
+            torch.from_numpy(x.transpose(0, 3, 1, 2).copy()), torch.from_numpy(t),
+            torch.from_numpy(ctx),
+        ).sample.numpy().transpose(0, 2, 3, 1)  # fmt: skip
+    got = jax.jit(ours.unet.apply)(lora.fuse(ours.unet_params, [adapter]), x, t, ctx)
+    np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-4)
