@@ -355,6 +355,49 @@ def load_run(workdir: str | pathlib.Path, step: int | None = None) -> Model:
     )
 
 
+def parse_lora(spec: str) -> tuple[str, float]:
+    """ "FILE[:WEIGHT]" (the CLI's --lora) -> (file, weight), weight 1 by default."""
+    path, sep, weight = spec.rpartition(":")
+    if sep:
+        try:
+            return path, float(weight)
+        except ValueError:
+            pass
+    return spec, 1.0
+
+
+def with_lora(model: Model, loras) -> Model:
+    """`model` with LoRA files fused into its U-Net's kernels (diffusers' `load_lora_weights`
+    then `fuse_lora`, several files with their weights: `set_adapters(names, weights)`).
+
+    loras: [(file, weight) or file, ...]: diffusers / PEFT LoRA files (`convert.lora.read_lora`).
+    The model's own parameters are not modified (a new Model). A file made for another base
+    (another architecture or size) is refused, naming the layers that do not fit.
+    """
+    from ldm_jax.convert.lora import read_lora
+    from ldm_jax.models.adapters import lora as lora_lib
+
+    adapters = []
+    for item in loras:
+        path, weight = (item, 1.0) if isinstance(item, str | pathlib.Path) else item
+        found = read_lora(path, weight)
+        other = sorted(set(found) - {"unet"})
+        if other:
+            raise ValueError(
+                f"{path} holds LoRA weights for {other}: only U-Net LoRAs are applied so far"
+            )
+        try:
+            lora_lib.check_targets(model.unet_params, [found["unet"]])
+        except ValueError as e:
+            raise ValueError(
+                f"{path} does not fit this {model.kind} U-Net (a LoRA made for another base?): {e}"
+            ) from None
+        adapters.append(found["unet"])
+    if not adapters:
+        return model
+    return dataclasses.replace(model, unet_params=lora_lib.fuse(model.unet_params, adapters))
+
+
 def is_run(path) -> bool:
     """Whether `path` is a run trained here (a workdir with config.json), not a checkpoint."""
     path = pathlib.Path(path)

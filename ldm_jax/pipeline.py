@@ -35,7 +35,7 @@ from ldm_jax.diffusion import samplers as sampler_lib
 from ldm_jax.diffusion.guidance import classifier_free_guidance
 from ldm_jax.diffusion.samplers import options as options_lib
 from ldm_jax.images import images_per_prompt
-from ldm_jax.model import PRETRAINED_SAMPLING, Model, encode_prompt
+from ldm_jax.model import PRETRAINED_SAMPLING, Model, encode_prompt, with_lora
 
 log = logging.getLogger("ldm_jax")
 
@@ -242,6 +242,7 @@ def generate(
     negative_aesthetic_score: float = 2.5,
     denoising_start: float | None = None,
     denoising_end: float | None = None,
+    lora: Sequence | None = None,
     output_type: str = "uint8",
     batch_size: int = 8,
     progress: bool = False,
@@ -271,10 +272,15 @@ def generate(
     its latents f32[N, h, w, c] (scaled, NHWC); `image=<those latents>, denoising_start=0.8` on
     the refiner continues from them without re-noising (strength is then ignored). `image` may be
     latents f32[N, h, w, c] in general (no VAE encoding). See `handoff_steps`.
+
+    lora: LoRA files fused into the U-Net for this call, [(file, weight) or file, ...]
+    (`model.with_lora`; the model itself is not changed).
     """
     if output_type not in ("uint8", "latent"):
         raise ValueError(f"output_type must be 'uint8' or 'latent', got {output_type!r}")
     model.get_tokenizers()  # a single file without its tokenizer folder: say so first
+    if lora:
+        model = with_lora(model, lora)
     defaults = {**PRETRAINED_SAMPLING, **model.sampling}
     steps = defaults["num_inference_steps"] if num_inference_steps is None else num_inference_steps
     if guidance_scale is None:

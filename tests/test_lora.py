@@ -4,6 +4,8 @@ not zero and the test proves something), over attention, feed-forward, projectio
 layers, two at once with weights; unfused (method interception) and fused; read from the file
 diffusers' `save_lora_weights` writes, alpha from its metadata."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -224,3 +226,80 @@ def test_lora_training_end_to_end_loads_in_diffusers(tmp_path, clip_tokenizer_di
         ).sample.numpy().transpose(0, 2, 3, 1)  # fmt: skip
     got = jax.jit(ours.unet.apply)(lora.fuse(ours.unet_params, [adapter]), x, t, ctx)
     np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-4)
+
+
+def test_generate_and_sample_cli_with_lora_files_match_diffusers(
+    tmp_path, clip_tokenizer_dir, capsys
+):
+    """Two LoRA files (written by diffusers' `save_lora_weights`, alpha != rank in one) fused at
+    weights 0.7 and 0.3: `generate(..., lora=...)` against diffusers' pipeline after
+    `load_lora_weights` and `set_adapters`, the same prompt and latents, images within one 8-bit
+    level; `ldm-jax sample --lora FILE:WEIGHT` writes them and records the files; a LoRA of
+    another base is refused by name."""
+    import diffusers
+    import tiny_checkpoints as tiny
+    from peft import LoraConfig, get_peft_model_state_dict
+    from test_generate import _assert_within_one_level, _diffusers_uint8, _latents
+
+    from ldm_jax import cli
+    from ldm_jax.model import load_pretrained
+    from ldm_jax.pipeline import generate
+
+    pipe = tiny.sd_pipeline(clip_tokenizer_dir)
+    folder = tmp_path / "sd"
+    pipe.save_pretrained(folder, safe_serialization=True)
+    files = []
+    for name, rank, alpha, targets in (("a", 4, 8, TARGETS), ("b", 2, 2, ["to_k", "to_v"])):
+        config = LoraConfig(
+            r=rank, lora_alpha=alpha, target_modules=targets, init_lora_weights=False
+        )
+        torch.manual_seed(rank)
+        pipe.unet.add_adapter(config, adapter_name=name)
+        layers = get_peft_model_state_dict(pipe.unet, adapter_name=name)
+        pipe.unet.delete_adapters([name])
+        diffusers.StableDiffusionPipeline.save_lora_weights(
+            tmp_path / name, unet_lora_layers=layers, unet_lora_adapter_metadata=config.to_dict()
+        )
+        files.append(tmp_path / name / "pytorch_lora_weights.safetensors")
+        pipe.load_lora_weights(tmp_path / name, adapter_name=name)
+    pipe.set_adapters(["a", "b"], adapter_weights=[0.7, 0.3])
+    nchw, nhwc = _latents(2)
+    kwargs = dict(num_inference_steps=4, guidance_scale=5.0, height=tiny.SIZE, width=tiny.SIZE)
+    prompts = ["a photo of an astronaut riding a horse", "a red circle"]
+    with torch.no_grad():
+        theirs = pipe(prompts, latents=nchw, output_type="np", **kwargs).images
+    sd = load_pretrained(folder)
+    loras = [(files[0], 0.7), (files[1], 0.3)]
+    ours = generate(sd, prompts, latents=nhwc, sampler="ddim", lora=loras, **kwargs)
+    _assert_within_one_level(ours, _diffusers_uint8(theirs))
+    plain = generate(sd, prompts, latents=nhwc, sampler="ddim", **kwargs)
+    assert np.abs(plain.astype(int) - ours).max() > 10  # the LoRAs change the images
+
+    out = tmp_path / "samples"
+    args = ["sample", "--pretrained", str(folder), "--prompt", prompts[1], "--num-images", "1"]
+    args += [
+        "--steps",
+        "2",
+        "--out",
+        str(out),
+        "--lora",
+        f"{files[0]}:0.7",
+        "--lora",
+        str(files[1]),
+    ]
+    assert cli.main(args) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest[0]["lora"] == [
+        {"file": str(files[0]), "weight": 0.7},
+        {"file": str(files[1]), "weight": 1.0},
+    ]
+    capsys.readouterr()
+    assert (
+        cli.main([*args[:-4], "--out", str(tmp_path / "x"), "--lora", "missing.safetensors"]) == 2
+    )
+    assert "no such --lora file: missing.safetensors" in capsys.readouterr().err
+    small = tiny.sd_pipeline(clip_tokenizer_dir, block_out_channels=(32,),
+        down_block_types=("CrossAttnDownBlock2D",), up_block_types=("CrossAttnUpBlock2D",))  # fmt: skip
+    small.save_pretrained(tmp_path / "other", safe_serialization=True)
+    with pytest.raises(ValueError, match="does not fit this sd1 U-Net"):
+        generate(load_pretrained(tmp_path / "other"), "x", lora=[files[0]], num_inference_steps=1)
