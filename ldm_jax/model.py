@@ -367,8 +367,9 @@ def parse_lora(spec: str) -> tuple[str, float]:
 
 
 def with_lora(model: Model, loras) -> Model:
-    """`model` with LoRA files fused into its U-Net's kernels (diffusers' `load_lora_weights`
-    then `fuse_lora`, several files with their weights: `set_adapters(names, weights)`).
+    """`model` with LoRA files fused into its U-Net's and text encoders' kernels (diffusers'
+    `load_lora_weights` then `fuse_lora`, several files with their weights: `set_adapters(names,
+    weights)`).
 
     loras: [(file, weight) or file, ...]: diffusers / PEFT LoRA files (`convert.lora.read_lora`).
     The model's own parameters are not modified (a new Model). A file made for another base
@@ -377,25 +378,32 @@ def with_lora(model: Model, loras) -> Model:
     from ldm_jax.convert.lora import read_lora
     from ldm_jax.models.adapters import lora as lora_lib
 
-    adapters = []
+    slots = ("unet", *model.text_encoder_slots)
+    params = dict(zip(slots, (model.unet_params, *model.text_encoder_params), strict=True))
+    adapters: dict[str, list] = {slot: [] for slot in slots}
     for item in loras:
         path, weight = (item, 1.0) if isinstance(item, str | pathlib.Path) else item
         found = read_lora(path, weight)
-        other = sorted(set(found) - {"unet"})
+        other = sorted(set(found) - set(slots))
         if other:
             raise ValueError(
-                f"{path} holds LoRA weights for {other}: only U-Net LoRAs are applied so far"
+                f"{path} holds LoRA weights for {other}; this {model.kind} has {slots}"
             )
-        try:
-            lora_lib.check_targets(model.unet_params, [found["unet"]])
-        except ValueError as e:
-            raise ValueError(
-                f"{path} does not fit this {model.kind} U-Net (a LoRA made for another base?): {e}"
-            ) from None
-        adapters.append(found["unet"])
-    if not adapters:
-        return model
-    return dataclasses.replace(model, unet_params=lora_lib.fuse(model.unet_params, adapters))
+        for slot, adapter in found.items():
+            try:
+                lora_lib.check_targets(params[slot], [adapter])
+            except ValueError as e:
+                raise ValueError(
+                    f"{path} does not fit this {model.kind} {slot} (a LoRA made for another "
+                    f"base?): {e}"
+                ) from None
+            adapters[slot].append(adapter)
+    fused = {s: lora_lib.fuse(params[s], a) if a else params[s] for s, a in adapters.items()}
+    return dataclasses.replace(
+        model,
+        unet_params=fused["unet"],
+        text_encoder_params=tuple(fused[s] for s in model.text_encoder_slots),
+    )
 
 
 def is_run(path) -> bool:

@@ -4,6 +4,7 @@ not zero and the test proves something), over attention, feed-forward, projectio
 layers, two at once with weights; unfused (method interception) and fused; read from the file
 diffusers' `save_lora_weights` writes, alpha from its metadata."""
 
+import copy
 import json
 
 import jax
@@ -234,11 +235,11 @@ def test_generate_and_sample_cli_with_lora_files_match_diffusers(
     """Two LoRA files (written by diffusers' `save_lora_weights`, alpha != rank in one) fused at
     weights 0.7 and 0.3: `generate(..., lora=...)` against diffusers' pipeline after
     `load_lora_weights` and `set_adapters`, the same prompt and latents, images within one 8-bit
-    level; `ldm-jax sample --lora FILE:WEIGHT` writes them and records the files; a LoRA of
+    level, with a third file, a text-encoder LoRA; `ldm-jax sample --lora FILE:WEIGHT` writes them and records the files; a LoRA of
     another base is refused by name."""
     import diffusers
     import tiny_checkpoints as tiny
-    from peft import LoraConfig, get_peft_model_state_dict
+    from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
     from test_generate import _assert_within_one_level, _diffusers_uint8, _latents
 
     from ldm_jax import cli
@@ -262,18 +263,36 @@ def test_generate_and_sample_cli_with_lora_files_match_diffusers(
         )
         files.append(tmp_path / name / "pytorch_lora_weights.safetensors")
         pipe.load_lora_weights(tmp_path / name, adapter_name=name)
-    pipe.set_adapters(["a", "b"], adapter_weights=[0.7, 0.3])
+    # A text-encoder LoRA (peft's inject_adapter_in_model on a copy: transformers 5's
+    # add_adapter wants a newer peft), written and loaded the same way.
+    encoder = copy.deepcopy(pipe.text_encoder)
+    config = LoraConfig(
+        r=4, lora_alpha=2, init_lora_weights=False,
+        target_modules=["q_proj", "k_proj", "v_proj", "out_proj", "fc1"],
+    )  # fmt: skip
+    torch.manual_seed(5)
+    inject_adapter_in_model(config, encoder, adapter_name="t")
+    diffusers.StableDiffusionPipeline.save_lora_weights(
+        tmp_path / "t",
+        text_encoder_lora_layers=get_peft_model_state_dict(encoder, adapter_name="t"),
+        text_encoder_lora_adapter_metadata=config.to_dict(),
+    )
+    files.append(tmp_path / "t" / "pytorch_lora_weights.safetensors")
+    pipe.load_lora_weights(tmp_path / "t", adapter_name="t")
+    pipe.set_adapters(["a", "b", "t"], adapter_weights=[0.7, 0.3, 1.0])
     nchw, nhwc = _latents(2)
     kwargs = dict(num_inference_steps=4, guidance_scale=5.0, height=tiny.SIZE, width=tiny.SIZE)
     prompts = ["a photo of an astronaut riding a horse", "a red circle"]
     with torch.no_grad():
         theirs = pipe(prompts, latents=nchw, output_type="np", **kwargs).images
     sd = load_pretrained(folder)
-    loras = [(files[0], 0.7), (files[1], 0.3)]
+    loras = [(files[0], 0.7), (files[1], 0.3), files[2]]
     ours = generate(sd, prompts, latents=nhwc, sampler="ddim", lora=loras, **kwargs)
     _assert_within_one_level(ours, _diffusers_uint8(theirs))
     plain = generate(sd, prompts, latents=nhwc, sampler="ddim", **kwargs)
     assert np.abs(plain.astype(int) - ours).max() > 10  # the LoRAs change the images
+    unet_only = generate(sd, prompts, latents=nhwc, sampler="ddim", lora=loras[:2], **kwargs)
+    assert np.abs(unet_only.astype(int) - ours).max() > 10  # ... the text-encoder one too
 
     out = tmp_path / "samples"
     args = ["sample", "--pretrained", str(folder), "--prompt", prompts[1], "--num-images", "1"]
@@ -301,5 +320,5 @@ def test_generate_and_sample_cli_with_lora_files_match_diffusers(
     small = tiny.sd_pipeline(clip_tokenizer_dir, block_out_channels=(32,),
         down_block_types=("CrossAttnDownBlock2D",), up_block_types=("CrossAttnUpBlock2D",))  # fmt: skip
     small.save_pretrained(tmp_path / "other", safe_serialization=True)
-    with pytest.raises(ValueError, match="does not fit this sd1 U-Net"):
+    with pytest.raises(ValueError, match="does not fit this sd1 unet"):
         generate(load_pretrained(tmp_path / "other"), "x", lora=[files[0]], num_inference_steps=1)

@@ -75,6 +75,8 @@ def peft_state_dict_to_adapters(state_dict: Mapping[str, np.ndarray]) -> dict[st
             unknown.append(key)
             continue
         module, role = match.groups()
+        if component != "unet":  # transformers' CLIP names; ours drop `text_model.`
+            module = module.removeprefix("text_model.")
         path = torch_key_to_flax_path(module + ".x")[:-1]
         flat.setdefault(component, {})[(*path, _ROLE[role])] = _to_flax(state_dict[key])
     if unknown:
@@ -151,6 +153,8 @@ def adapters_to_peft_state_dict(adapters: Mapping[str, Adapter]) -> dict[str, np
         flat = traverse_util.flatten_dict(adapter.params.get("params", adapter.params))
         for path, value in flat.items():
             module = flax_path_to_torch_key((*path[:-1], "weight"))[: -len(".weight")]
+            if component != "unet" and not module.startswith("text_projection"):
+                module = f"text_model.{module}"  # the released CLIP names
             out[f"{component}.{module}.{path[-1]}.weight"] = _to_torch(np.asarray(value))
     return out
 
