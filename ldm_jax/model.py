@@ -371,7 +371,8 @@ def with_lora(model: Model, loras) -> Model:
     `load_lora_weights` then `fuse_lora`, several files with their weights: `set_adapters(names,
     weights)`).
 
-    loras: [(file, weight) or file, ...]: diffusers / PEFT LoRA files (`convert.lora.read_lora`).
+    loras: [(file, weight) or file, ...]: diffusers / PEFT or kohya / A1111 LoRA files
+    (`convert.lora.read_lora`).
     The model's own parameters are not modified (a new Model). A file made for another base
     (another architecture or size) is refused, naming the layers that do not fit.
     """
@@ -381,9 +382,10 @@ def with_lora(model: Model, loras) -> Model:
     slots = ("unet", *model.text_encoder_slots)
     params = dict(zip(slots, (model.unet_params, *model.text_encoder_params), strict=True))
     adapters: dict[str, list] = {slot: [] for slot in slots}
+    layers = {slot: lora_lib.layer_paths(params[slot]) for slot in slots}
     for item in loras:
         path, weight = (item, 1.0) if isinstance(item, str | pathlib.Path) else item
-        found = read_lora(path, weight)
+        found = read_lora(path, weight, layers)
         other = sorted(set(found) - set(slots))
         if other:
             raise ValueError(

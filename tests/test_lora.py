@@ -294,6 +294,25 @@ def test_generate_and_sample_cli_with_lora_files_match_diffusers(
     unet_only = generate(sd, prompts, latents=nhwc, sampler="ddim", lora=loras[:2], **kwargs)
     assert np.abs(unet_only.astype(int) - ours).max() > 10  # ... the text-encoder one too
 
+    # The first U-Net LoRA in kohya's layout (diffusers' convert_state_dict_to_kohya), its
+    # alphas then halved (alpha != rank), against diffusers' own kohya loader.
+    from diffusers.utils import convert_state_dict_to_kohya
+    from safetensors.torch import load_file, save_file
+
+    peft_layers = {k: v for k, v in load_file(files[0]).items()}
+    kohya = convert_state_dict_to_kohya(peft_layers)
+    kohya = {k: v / 2 if k.endswith(".alpha") else v for k, v in kohya.items()}
+    assert any(k.startswith("lora_unet_") for k in kohya)
+    save_file({k: v.contiguous() for k, v in kohya.items()}, tmp_path / "kohya.safetensors")
+    pipe.unload_lora_weights()
+    pipe.load_lora_weights(tmp_path, weight_name="kohya.safetensors", adapter_name="k")
+    with torch.no_grad():
+        theirs = pipe(prompts, latents=nchw, output_type="np", **kwargs).images
+    ours = generate(
+        sd, prompts, latents=nhwc, sampler="ddim", lora=[tmp_path / "kohya.safetensors"], **kwargs
+    )
+    _assert_within_one_level(ours, _diffusers_uint8(theirs))
+
     out = tmp_path / "samples"
     args = ["sample", "--pretrained", str(folder), "--prompt", prompts[1], "--num-images", "1"]
     args += [

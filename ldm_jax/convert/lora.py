@@ -128,11 +128,81 @@ def _alphas(config: dict | None, tree: dict):
     return out
 
 
-def read_lora(path: str | pathlib.Path, weight: float = 1.0) -> dict[str, Adapter]:
-    """{component: Adapter} of a diffusers / PEFT LoRA file (safetensors, or a pickle through
-    `torch.load(weights_only=True)`), with alpha from its metadata and this weight."""
+KOHYA_PREFIXES = {
+    "lora_unet_": "unet",
+    "lora_te_": "text_encoder",  # SD 1.x / 2.x files (A1111)
+    "lora_te1_": "text_encoder",  # SDXL's first encoder (and diffusers' kohya export)
+    "lora_te2_": "text_encoder_2",
+}
+_KOHYA_KEY = re.compile(
+    r"^(lora_unet_|lora_te_|lora_te1_|lora_te2_)(.+)\.(lora_down\.weight|lora_up\.weight|alpha)$"
+)
+
+
+def is_kohya(state_dict: Mapping) -> bool:
+    return any(key.startswith(tuple(KOHYA_PREFIXES)) for key in state_dict)
+
+
+def kohya_state_dict_to_adapters(state_dict, layers: Mapping[str, list]) -> dict[str, Adapter]:
+    """{component: Adapter(tree, {layer: alpha})} of a kohya / A1111 LoRA state dict
+    (`lora_unet_<module with _>.lora_down.weight`, `.lora_up.weight`, `.alpha`), whose module
+    names are matched against the layers of the model it is applied to (`layers`: {component:
+    [flax layer path, ...]}, a path joined by "_" is kohya's name; `text_model_` is dropped from
+    text-encoder names). SDXL files with the original sgm block names (`input_blocks_...`) are
+    not read yet: an error names them."""
+    index = {c: {"_".join(p): tuple(p) for p in paths} for c, paths in layers.items()}
+    tensors: dict[str, dict] = {}
+    alphas: dict[str, dict] = {}
+    unknown = []
+    for key in state_dict:
+        match = _KOHYA_KEY.match(key)
+        component = KOHYA_PREFIXES.get(match.group(1)) if match else None
+        name = match.group(2).removeprefix("text_model_") if match else ""
+        path = index.get(component, {}).get(name)
+        if path is None:
+            unknown.append(key)
+            continue
+        if match.group(3) == "alpha":
+            alphas.setdefault(component, {})[path] = float(np.asarray(state_dict[key]))
+            continue
+        role = "lora_A" if match.group(3).startswith("lora_down") else "lora_B"
+        tensors.setdefault(component, {})[(*path, role)] = _to_flax(state_dict[key])
+    if unknown:
+        sgm = any(
+            "input_blocks" in k or "output_blocks" in k or "middle_block" in k for k in unknown
+        )
+        hint = " (original sgm block names: not supported yet)" if sgm else ""
+        shown = ", ".join(unknown[:8]) + (
+            f" and {len(unknown) - 8} more" if len(unknown) > 8 else ""
+        )
+        raise CheckpointError(
+            f"{len(unknown)} kohya LoRA keys match no layer of the model{hint}: {shown}"
+        )
+    out = {}
+    for component, flat in tensors.items():
+        layer_paths = {p[:-1] for p in flat}
+        half = sorted("/".join(p) for p in layer_paths if sum(q[:-1] == p for q in flat) != 2)
+        if half:
+            raise CheckpointError(f"{component}: LoRA layers without both down and up: {half}")
+        tree = {"params": traverse_util.unflatten_dict(flat)}
+        out[component] = Adapter(tree, alphas.get(component) or None)
+    return out
+
+
+def read_lora(
+    path: str | pathlib.Path, weight: float = 1.0, layers: Mapping[str, list] | None = None
+) -> dict[str, Adapter]:
+    """{component: Adapter} of a LoRA file (safetensors, or a pickle through
+    `torch.load(weights_only=True)`) with this weight: diffusers / PEFT layout (alpha from its
+    metadata), or kohya / A1111 layout (per-layer alphas; needs `layers`, the model's layer
+    paths per component, to resolve its underscore-joined names)."""
     path = pathlib.Path(path)
     state_dict = read_state_dict(path)
+    if is_kohya(state_dict):
+        if layers is None:
+            raise CheckpointError(f"{path} is a kohya LoRA: reading it needs the model's layers")
+        found = kohya_state_dict_to_adapters(state_dict, layers)
+        return {c: Adapter(a.params, a.alpha, weight) for c, a in found.items()}
     metadata = None
     if path.suffix == ".safetensors":
         from safetensors import safe_open

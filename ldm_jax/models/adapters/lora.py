@@ -51,13 +51,17 @@ def target_path(name: str) -> tuple[str, ...]:
     return tuple(path)
 
 
-def targeted_layers(params, targets: Sequence[str]) -> list[tuple[str, ...]]:
+def layer_paths(params) -> list[tuple[str, ...]]:
     """Paths of the Dense / Conv layers (modules with a `kernel`) of `params` (a model's
-    variables or its "params" collection) that the target names select, in tree order."""
+    variables or its "params" collection), in tree order."""
     tree = params.get("params", params)
+    return [path[:-1] for path in traverse_util.flatten_dict(tree) if path[-1] == "kernel"]
+
+
+def targeted_layers(params, targets: Sequence[str]) -> list[tuple[str, ...]]:
+    """The layers of `params` that the target names select, in tree order."""
     suffixes = [target_path(t) for t in targets]
-    layers = [path[:-1] for path in traverse_util.flatten_dict(tree) if path[-1] == "kernel"]
-    return [p for p in layers if any(p[-len(s) :] == s for s in suffixes)]
+    return [p for p in layer_paths(params) if any(p[-len(s) :] == s for s in suffixes)]
 
 
 def init(params, targets: Sequence[str], rank: int, key: jax.Array, *, init: str = "gaussian"):
