@@ -341,3 +341,41 @@ def test_generate_and_sample_cli_with_lora_files_match_diffusers(
     small.save_pretrained(tmp_path / "other", safe_serialization=True)
     with pytest.raises(ValueError, match="does not fit this sd1 unet"):
         generate(load_pretrained(tmp_path / "other"), "x", lora=[files[0]], num_inference_steps=1)
+
+
+def test_sdxl_lora_file_with_both_text_encoders_matches_diffusers(tmp_path, clip_tokenizer_dir):
+    """One SDXL LoRA file with U-Net, text_encoder and text_encoder_2 weights (written by
+    `StableDiffusionXLPipeline.save_lora_weights`), images within one 8-bit level of diffusers'
+    after `load_lora_weights`, micro-conditioning and the second encoder's projection included."""
+    import diffusers
+    import tiny_checkpoints as tiny
+    from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
+    from test_generate import _assert_within_one_level, _diffusers_uint8, _latents
+
+    from ldm_jax.model import load_pretrained
+    from ldm_jax.pipeline import generate
+
+    pipe = tiny.sdxl_pipeline(clip_tokenizer_dir)
+    pipe.save_pretrained(tmp_path / "sdxl", safe_serialization=True)
+    layers = {}
+    for i, name in enumerate(("unet", "text_encoder", "text_encoder_2")):
+        targets = TARGETS if name == "unet" else ["q_proj", "v_proj", "fc2"]
+        config = LoraConfig(r=4, lora_alpha=2 + i, target_modules=targets, init_lora_weights=False)
+        module = copy.deepcopy(getattr(pipe, name))
+        torch.manual_seed(i)
+        inject_adapter_in_model(config, module, adapter_name="x")
+        layers[f"{name}_lora_layers"] = get_peft_model_state_dict(module, adapter_name="x")
+        layers[f"{name}_lora_adapter_metadata"] = config.to_dict()
+    diffusers.StableDiffusionXLPipeline.save_lora_weights(tmp_path / "lora", **layers)
+    pipe.load_lora_weights(tmp_path / "lora", adapter_name="x")
+    nchw, nhwc = _latents(1, seed=4)
+    kwargs = dict(num_inference_steps=4, guidance_scale=6.0, height=tiny.SIZE, width=tiny.SIZE)
+    with torch.no_grad():
+        theirs = pipe("a red circle", latents=nchw, output_type="np", **kwargs).images
+    sd = load_pretrained(tmp_path / "sdxl")
+    file = tmp_path / "lora" / "pytorch_lora_weights.safetensors"
+    assert set(read_lora(file)) == {"unet", "text_encoder", "text_encoder_2"}
+    ours = generate(sd, "a red circle", latents=nhwc, lora=[file], sampler="euler", **kwargs)
+    _assert_within_one_level(ours, _diffusers_uint8(theirs))
+    plain = generate(sd, "a red circle", latents=nhwc, sampler="euler", **kwargs)
+    assert np.abs(plain.astype(int) - ours).max() > 10  # the LoRA matters
