@@ -12,10 +12,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import traverse_util
+from test_models import HOOKS_UNET
 
 from ldm_jax.convert.diffusers import convert_state_dict
 from ldm_jax.convert.lora import (
     adapters_to_peft_state_dict,
+    kohya_state_dict_to_adapters,
     peft_state_dict_to_adapters,
     read_lora,
 )
@@ -26,15 +28,7 @@ from ldm_jax.models.unet import UNet2DConditionModel
 torch = pytest.importorskip("torch")
 peft = pytest.importorskip("peft")
 
-FIELDS = {
-    "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
-    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
-    "block_out_channels": [32, 64],
-    "layers_per_block": 1,
-    "attention_head_dim": 2,
-    "cross_attention_dim": 48,
-    "norm_num_groups": 8,
-}
+FIELDS = HOOKS_UNET  # the conditioning-hook tests' tiny U-Net: two levels, 4 transformers
 # Attention (diffusers' default), feed-forward, projections and the resnets' convolutions
 # (a conv LoRA: A a 3x3 conv, B 1x1).
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "proj_in", "conv1", "conv2"]
@@ -164,6 +158,10 @@ def test_bad_lora_files_are_named():
     a = np.zeros((4, 32), np.float32)
     with pytest.raises(CheckpointError, match="DoRA"):
         peft_state_dict_to_adapters({"unet.x.to_q.lora_magnitude_vector": a})
+    with pytest.raises(CheckpointError, match="LoHa"):
+        kohya_state_dict_to_adapters({"lora_unet_x_to_q.hada_w1_a": a}, {"unet": []})
+    with pytest.raises(CheckpointError, match="1 kohya LoRA keys match no layer"):
+        kohya_state_dict_to_adapters({"lora_unet_nope.lora_down.weight": a}, {"unet": []})
     with pytest.raises(CheckpointError, match="1 keys are not diffusers / PEFT LoRA weights"):
         peft_state_dict_to_adapters({"vae.decoder.conv_in.lora_A.weight": a})
     with pytest.raises(CheckpointError, match="without both A and B"):
@@ -379,3 +377,21 @@ def test_sdxl_lora_file_with_both_text_encoders_matches_diffusers(tmp_path, clip
     _assert_within_one_level(ours, _diffusers_uint8(theirs))
     plain = generate(sd, "a red circle", latents=nhwc, sampler="euler", **kwargs)
     assert np.abs(plain.astype(int) - ours).max() > 10  # the LoRA matters
+
+
+def test_alpha_pattern_from_the_metadata_is_per_layer():
+    """PEFT's `alpha_pattern` (module-name patterns, matched as PEFT does: the name ends with
+    the pattern after a dot) beside `lora_alpha`, as diffusers writes them per component."""
+    import json as json_lib
+
+    from ldm_jax.convert.lora import _alphas, _peft_config
+
+    a, b = np.zeros((32, 4), np.float32), np.zeros((4, 32), np.float32)
+    tree = {"params": {"mid_block": {"attentions_0": {"transformer_blocks_0": {"attn1": {
+        "to_k": {"lora_A": a, "lora_B": b}, "to_q": {"lora_A": a, "lora_B": b},
+    }}}}}}  # fmt: skip
+    metadata = {"unet.lora_alpha": 4, "unet.alpha_pattern": {"attn1.to_k": 8}, "unet.r": 4}
+    config = _peft_config({"lora_adapter_metadata": json_lib.dumps(metadata)}, "unet")
+    layer = ("mid_block", "attentions_0", "transformer_blocks_0", "attn1")
+    assert _alphas(config, tree) == {(*layer, "to_k"): 8.0, (*layer, "to_q"): 4.0}
+    assert _alphas(None, tree) is None  # no metadata: alpha = rank

@@ -372,12 +372,28 @@ def _ip_adapter_pair(num_tokens):
     return ref, model, params, cfg
 
 
+def _ip_reference(ref, x, t, ctx, image_embeds, **kwargs):
+    """diffusers' U-Net output (NHWC numpy) with IP-Adapter image embeddings."""
+    import torch
+
+    embeds = [torch.from_numpy(np.asarray(e, np.float32)) for e in image_embeds]
+    with torch.no_grad():
+        out = ref(
+            nchw(x),
+            torch.from_numpy(t),
+            torch.from_numpy(np.array(ctx)),
+            added_cond_kwargs={"image_embeds": embeds},
+            **kwargs,
+        ).sample
+    return out.numpy().transpose(0, 2, 3, 1)
+
+
 def test_unet_ip_adapter_streams_match_diffusers():
     """IP-Adapter's decoupled cross-attention: two image-prompt token streams with their own
     scales, against diffusers' `IPAdapterAttnProcessor2_0` in every cross-attention layer (random
     to_k_ip / to_v_ip, as torch initializes them). The tokens go in as the image projection's
     output (diffusers: `encoder_hid_proj` of type "ip_image_proj", here the identity)."""
-    torch = pytest.importorskip("torch")
+    pytest.importorskip("torch")
     ref, model, params, cfg = _ip_adapter_pair((4, 3))
     x = jax.random.normal(KEY, (2, 8, 8, 4))
     ctx = jax.random.normal(jax.random.key(1), (2, 5, 48))
@@ -387,14 +403,8 @@ def test_unet_ip_adapter_streams_match_diffusers():
     assert_same_tree(model, params, x, t, ctx, ip_hidden_states=ip)
     apply = jax.jit(lambda p, *args, **kw: model.apply(p, *args, **kw))
     ours = apply(params, x, jnp.asarray(t), ctx, ip_hidden_states=ip, ip_adapter_scale=[0.7, 1.3])
-    with torch.no_grad():
-        want = ref(
-            nchw(x),
-            torch.from_numpy(t),
-            torch.from_numpy(np.array(ctx)),
-            added_cond_kwargs={"image_embeds": [torch.from_numpy(np.array(s)) for s in ip]},
-        ).sample
-    np.testing.assert_allclose(ours, want.numpy().transpose(0, 2, 3, 1), atol=2e-5, rtol=1e-4)
+    want = _ip_reference(ref, x, t, ctx, ip)
+    np.testing.assert_allclose(ours, want, atol=2e-5, rtol=1e-4)
 
     # Scale 0 is the text-only U-Net with the same weights (the IP projections unused).
     off = apply(params, x, jnp.asarray(t), ctx, ip_hidden_states=ip, ip_adapter_scale=0.0)
@@ -413,14 +423,8 @@ def test_unet_ip_adapter_streams_match_diffusers():
     layer_scales = ip_adapter_layer_scales(model, config)
     np.testing.assert_allclose(layer_scales, [[0.5, 0.8], [0.0, 0.8], [2.0, 0.8], [1.5, 0.8]])
     ours = apply(params, x, jnp.asarray(t), ctx, ip_hidden_states=ip, ip_adapter_scale=layer_scales)
-    with torch.no_grad():
-        want = ref(
-            nchw(x),
-            torch.from_numpy(t),
-            torch.from_numpy(np.array(ctx)),
-            added_cond_kwargs={"image_embeds": [torch.from_numpy(np.array(s)) for s in ip]},
-        ).sample
-    np.testing.assert_allclose(ours, want.numpy().transpose(0, 2, 3, 1), atol=2e-5, rtol=1e-4)
+    want = _ip_reference(ref, x, t, ctx, ip)
+    np.testing.assert_allclose(ours, want, atol=2e-5, rtol=1e-4)
     compiled = apply._cache_size()
     apply(params, x, jnp.asarray(t), ctx, ip_hidden_states=ip, ip_adapter_scale=layer_scales / 2)
     assert apply._cache_size() == compiled  # other scales, the same program
@@ -463,20 +467,16 @@ def test_unet_ip_adapter_masks_match_diffusers():
     t = np.array([3.0, 750.25], np.float32)
     images = [rng.normal(size=(2, 2, 4, 48)), rng.normal(size=(2, 1, 3, 48))]  # [B, I, T, D]
     masks = (rng.uniform(size=(1, 2, 16, 12)) > 0.5).astype(np.float32)
-    with torch.no_grad():
-        want = ref(
-            nchw(x),
-            torch.from_numpy(t),
-            torch.from_numpy(np.array(ctx)),
-            added_cond_kwargs={"image_embeds": [torch.from_numpy(i).float() for i in images]},
-            cross_attention_kwargs={"ip_adapter_masks": [torch.from_numpy(masks), None]},
-        ).sample.numpy()
+    want = _ip_reference(
+        ref, x, t, ctx, images,
+        cross_attention_kwargs={"ip_adapter_masks": [torch.from_numpy(masks), None]},
+    )  # fmt: skip
     ip = [jnp.asarray(i.reshape(2, -1, 48), jnp.float32) for i in images]  # I x T tokens
     ours = jax.jit(model.apply)(
         params, x, t, ctx, ip_hidden_states=ip, ip_adapter_scale=[0.7, 1.3],
         ip_adapter_masks=[masks[0], None],
     )  # fmt: skip
-    np.testing.assert_allclose(ours, want.transpose(0, 2, 3, 1), atol=2e-5, rtol=1e-4)
+    np.testing.assert_allclose(ours, want, atol=2e-5, rtol=1e-4)
     unmasked = jax.jit(model.apply)(
         params, x, t, ctx, ip_hidden_states=ip, ip_adapter_scale=[0.7, 1.3]
     )  # fmt: skip

@@ -35,6 +35,7 @@ _ROLE |= {"lora_B": "lora_B", "lora.up": "lora_B", "lora_up": "lora_B"}
 # Variants that are not LoRA: named, never silently dropped.
 _UNSUPPORTED = {
     "lora_magnitude_vector": "DoRA",
+    "dora_scale": "DoRA",  # kohya's spelling
     "hada_w1": "LoHa",
     "lokr_w1": "LoKr",
     "lora_embedding_A": "embedding LoRA",
@@ -56,6 +57,14 @@ def _to_torch(array: np.ndarray) -> np.ndarray:
     return array.T if array.ndim == 2 else array.transpose(3, 2, 0, 1)
 
 
+def _check_supported(key: str) -> None:
+    for marker, variant in _UNSUPPORTED.items():
+        if marker in key:
+            raise CheckpointError(
+                f"{key!r} belongs to a {variant} adapter, which ldm_jax does not load (LoRA only)"
+            )
+
+
 def peft_state_dict_to_adapters(state_dict: Mapping[str, np.ndarray]) -> dict[str, dict]:
     """{component: adapter tree} of a diffusers / PEFT LoRA state dict (keys with their
     component prefix). Keys of other forms, unsupported variants and half pairs are errors that
@@ -63,12 +72,7 @@ def peft_state_dict_to_adapters(state_dict: Mapping[str, np.ndarray]) -> dict[st
     flat: dict[str, dict] = {}
     unknown = []
     for key in state_dict:
-        for marker, variant in _UNSUPPORTED.items():
-            if marker in key:
-                raise CheckpointError(
-                    f"{key!r} belongs to a {variant} adapter, which ldm_jax does not load "
-                    "(LoRA only)"
-                )
+        _check_supported(key)
         component, _, rest = key.partition(".")
         match = _PEFT_KEY.match(rest)
         if component not in COMPONENTS or match is None:
@@ -155,6 +159,7 @@ def kohya_state_dict_to_adapters(state_dict, layers: Mapping[str, list]) -> dict
     alphas: dict[str, dict] = {}
     unknown = []
     for key in state_dict:
+        _check_supported(key)
         match = _KOHYA_KEY.match(key)
         component = KOHYA_PREFIXES.get(match.group(1)) if match else None
         name = match.group(2).removeprefix("text_model_") if match else ""
