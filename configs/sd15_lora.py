@@ -32,8 +32,15 @@ def get_config(arg=None):
         # "conv1", "conv2", "conv_shortcut", "time_emb_proj" (layers whose path ends with them)
         targets=("to_q", "to_k", "to_v", "to_out.0"),
         init="gaussian",  # A ~ N(0, 1/r^2), B = 0: training starts at the base model
+        # Text-encoder LoRA (diffusers' --train_text_encoder): e.g. ("q_proj", "k_proj",
+        # "v_proj", "out_proj"); its group "text_encoder_lora" takes optimizer fields from
+        # config.param_groups.text_encoder_lora. Empty: the text encoders stay as they are.
+        text_encoder_targets=(),
+        # The file written at the end: "diffusers" (PEFT keys, alpha in the metadata) or "kohya"
+        # (lora_unet_* / lora_te1_* keys, an alpha per layer: A1111, ComfyUI).
+        export_layout="diffusers",
     )
-    c.param_groups = param_groups("lora")
+    c.param_groups = param_groups("lora", "text_encoder_lora")
     c.ema_decay = 0.0  # no EMA copy of the adapter (set > 0 to keep one)
     c.optimizer.learning_rate = 1e-4
     return c

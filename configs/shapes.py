@@ -12,6 +12,16 @@ ldm_jax/train/objectives/distill.py and experiments/distillation/):
   ldm-jax train --config configs/shapes.py:distill --workdir runs/shapes/student_4 \
       --config.distill.teacher_workdir=runs/shapes/ldm --config.distill.student_steps=4
 
+Two more teach the trained model a held-out concept of the dataset (`cross`, a new shape, or
+`navy`, a new colour: ldm_jax/data/shapes.py), from 512 examples that all have it, with the
+objectives that work on any checkpoint (ldm_jax/train/objectives/lora.py, finetune.py;
+experiments/lora/; `,replay` mixes in examples of the main distribution):
+
+  ldm-jax train --config configs/shapes.py:lora,cross --workdir runs/shapes/lora_cross \
+      --config.pretrained=runs/shapes/ldm
+  ldm-jax train --config configs/shapes.py:finetune,cross --workdir runs/shapes/finetune_cross \
+      --config.pretrained=runs/shapes/ldm
+
 Append `,smoke` to the argument (`configs/shapes.py:ldm,smoke`) for a run of seconds on a CPU with
 tiny widths and the 512-example `smoke` split; the tests use it. `,64` selects 64x64 images.
 Expected (2-core CPU, see README): color+shape adherence >= 80% at guidance 4, 25 DDIM steps.
@@ -26,24 +36,38 @@ from ldm_jax.data import shapes
 
 COMMON = pathlib.Path(__file__).with_name("common.py")
 
-STAGES = ("autoencoder", "ldm", "distill")
-OPTIONS = ("smoke", "64")
+SD15_LORA = pathlib.Path(__file__).with_name("sd15_lora.py")
+
+STAGES = ("autoencoder", "ldm", "distill", "lora", "finetune")
+ADAPT_STAGES = ("lora", "finetune")  # of a trained model, to a held-out concept
+OPTIONS = ("smoke", "64", "replay", *shapes.CONCEPTS)
 
 
 def _parse(arg):
     parts = [p for p in (arg or "ldm").split(",") if p]
     stage = [p for p in parts if p in STAGES]
+    concept = [p for p in parts if p in shapes.CONCEPTS]
     unknown = [p for p in parts if p not in STAGES + OPTIONS]
-    if unknown or len(stage) > 1:
+    bad_concept = len(concept) > 1 or (concept and stage and stage[0] not in ADAPT_STAGES)
+    if unknown or len(stage) > 1 or bad_concept:
         raise ValueError(
             f"configs/shapes.py: bad argument {arg!r}; use one stage of {STAGES} "
-            f"plus options from {OPTIONS}, comma-separated"
+            f"plus options from {OPTIONS}, comma-separated (a concept only with "
+            f"{' or '.join(ADAPT_STAGES)})"
         )
-    return (stage[0] if stage else "ldm"), "smoke" in parts, "64" in parts
+    stage = stage[0] if stage else "ldm"
+    if stage in ADAPT_STAGES and "64" in parts:
+        raise ValueError(f"configs/shapes.py: {stage} has 32x32 concept data only; drop ',64'")
+    if stage not in ADAPT_STAGES and "replay" in parts:
+        raise ValueError(f"configs/shapes.py: 'replay' goes with {' or '.join(ADAPT_STAGES)}")
+    concept = concept[0] if concept else "cross"
+    return stage, "smoke" in parts, "64" in parts, concept, "replay" in parts
 
 
 def get_config(arg=None):
-    stage, smoke, big = _parse(arg)
+    stage, smoke, big, concept, replay = _parse(arg)
+    if stage in ADAPT_STAGES:
+        return _adapt_config(stage, smoke, concept, replay)
     c = load_config_file(str(COMMON))  # mesh, precision, checkpoints, multi-host, wandb
     c.unlock()  # (loaded locked) this config adds its own fields
     c.stage = stage
@@ -186,5 +210,78 @@ def get_config(arg=None):
             c.distill.student_steps = 2  # and so sample.num_steps
         else:
             c.sample.num_steps = 3
+        c.wandb.mode = "disabled"
+    return c
+
+
+def _adapt_config(stage, smoke, concept, replay):
+    """LoRA or full fine-tuning of a trained shapes model (`pretrained`: its ldm workdir) on one
+    held-out concept: the objectives and fields of configs/sd15_lora.py (finetune.py's recipe),
+    with the shapes data, the base run's own loss weighting and sampling, and sizes for a CPU.
+    `replay`: half of the examples are of the main distribution (the concept's `_replay` data),
+    so that the model keeps what it knew (DreamBooth's prior preservation, with real data)."""
+    c = load_config_file(f"{SD15_LORA}:")
+    c.unlock()
+    c.stage = stage
+    c.pretrained = ""  # the ldm run to adapt, e.g. runs/shapes/ldm (required)
+    c.compute_dtype = "float32"
+    c.data = dict(
+        name="shapes",
+        # 512 train examples, all with the concept, or 1024, every second one with it (replay)
+        config_name=f"{concept}_replay" if replay else concept,
+        data_dir="~/tensorflow_datasets",
+        image_size=32,
+        # No flips: a mirrored "left" would be a shape at the right under a caption saying left.
+        random_flip=False,
+        random_crop=False,
+        precomputed_latents_dir="",
+    )
+    c.loss_weighting = "min_snr"  # as the base model was trained
+    c.batch_size = 32
+    c.num_train_steps = 400
+    c.checkpoint_every = 200
+    c.sample_every = 400
+    c.log_every = 50
+    c.optimizer.update(warmup_steps=20, lr_schedule="constant")
+    if stage == "lora":
+        c.lora.rank = 16
+        c.lora.alpha = 16.0
+        # Every Dense and Conv layer of the blocks: a new shape is drawn by the convolutions,
+        # not only chosen by the cross-attention (experiments/lora/README.md compares).
+        c.lora.targets = (
+            *c.lora.targets,
+            "proj_in",
+            "proj_out",
+            "ff.net.0.proj",
+            "ff.net.2",
+            "conv1",
+            "conv2",
+            "time_emb_proj",
+        )
+        c.optimizer.learning_rate = 2e-3
+    else:
+        del c["lora"]
+        c.param_groups = param_groups("unet")
+        c.optimizer.learning_rate = 2e-4
+    c.ema_decay = 0.0
+    key, value = shapes.CONCEPTS[concept]
+    others = shapes.SHAPES if key == "color" else tuple(shapes.COLORS)[:4]
+    c.sample = dict(
+        prompts=tuple(
+            f"a {value} {other}" if key == "color" else f"a {other} {value}" for other in others
+        ),
+        num_inference_steps=25,
+        guidance_scale=4.0,
+        sampler="ddim",
+        seed=0,
+    )
+    if smoke:
+        c.batch_size = 8
+        c.num_train_steps = 3
+        c.optimizer.warmup_steps = 1
+        c.log_every = 1
+        c.checkpoint_every = 2
+        c.sample_every = 3
+        c.sample.num_inference_steps = 2
         c.wandb.mode = "disabled"
     return c

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import pathlib
+from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -372,7 +373,10 @@ def with_lora(model: Model, loras) -> Model:
     weights)`).
 
     loras: [(file, weight) or file, ...]: diffusers / PEFT or kohya / A1111 LoRA files
-    (`convert.lora.read_lora`).
+    (`convert.lora.read_lora`). A weight is a number, or per component as diffusers'
+    `set_adapters` takes it: {"unet": a number or per-block weights {"down": ..., "mid": ...,
+    "up": ...} (`lora.block_weights`), "text_encoder": a number, "text_encoder_2": ...}, 1 for
+    what it leaves out.
     The model's own parameters are not modified (a new Model). A file made for another base
     (another architecture or size) is refused, naming the layers that do not fit.
     """
@@ -385,13 +389,15 @@ def with_lora(model: Model, loras) -> Model:
     layers = {slot: lora_lib.layer_paths(params[slot]) for slot in slots}
     for item in loras:
         path, weight = (item, 1.0) if isinstance(item, str | pathlib.Path) else item
-        found = read_lora(path, weight, layers)
+        weights = _component_weights(weight, slots, layers["unet"])
+        found = read_lora(path, 1.0, layers)
         other = sorted(set(found) - set(slots))
         if other:
             raise ValueError(
                 f"{path} holds LoRA weights for {other}; this {model.kind} has {slots}"
             )
         for slot, adapter in found.items():
+            adapter = dataclasses.replace(adapter, weight=weights[slot])
             try:
                 lora_lib.check_targets(params[slot], [adapter])
             except ValueError as e:
@@ -406,6 +412,31 @@ def with_lora(model: Model, loras) -> Model:
         unet_params=fused["unet"],
         text_encoder_params=tuple(fused[s] for s in model.text_encoder_slots),
     )
+
+
+def _component_weights(weight, slots, unet_layers) -> dict:
+    """{slot: a number, or {layer path: number}} of one LoRA's weight (see `with_lora`)."""
+    from ldm_jax.models.adapters import lora as lora_lib
+
+    if not isinstance(weight, Mapping):
+        return dict.fromkeys(slots, float(weight))
+    unknown = sorted(set(weight) - set(slots))
+    if unknown:
+        hint = (
+            ' (per-block weights go under "unet")' if set(unknown) & {"down", "mid", "up"} else ""
+        )
+        raise ValueError(f"LoRA weights for {unknown}; this model has {list(slots)}{hint}")
+    out = {}
+    for slot in slots:
+        value = weight.get(slot, 1.0)
+        if isinstance(value, Mapping):
+            if slot != "unet":
+                raise ValueError(f"per-block LoRA weights are for the U-Net, not the {slot}")
+            value = lora_lib.block_weights(unet_layers, value)
+        else:
+            value = float(value)
+        out[slot] = value
+    return out
 
 
 def is_run(path) -> bool:

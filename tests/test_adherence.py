@@ -24,6 +24,27 @@ def test_analyzer_reads_back_the_dataset(image_size, num_examples):
         assert errors[key] <= 0.01 * num_examples, (key, errors)
 
 
+@pytest.mark.parametrize("concept", list(shapes.CONCEPTS))
+def test_analyzer_reads_back_the_held_out_concepts(concept):
+    for _, example in shapes.generate_examples(13, 300, 32, concept):
+        analysis = adherence.analyze(example["image"])
+        assert all(analysis[k] == n[example[k]] for k, n in shapes.LABEL_NAMES.items()), analysis
+
+
+def test_concept_prompts():
+    cross = adherence.adherence_prompts(concepts=["cross"])
+    assert [r["prompt"] for r in cross[:8]] == [f"a {c} cross" for c in shapes.COLORS]
+    assert len(cross) == 8 + 24 and all(r["shape"] == "cross" for r in cross)
+    navy = adherence.adherence_prompts(num_canonical=6, concepts=["navy"])
+    assert {r["shape"] for r in navy} == set(shapes.SHAPES) and len(navy) == 3 + 6
+    both = adherence.adherence_prompts(num_canonical=2, concepts=["cross", "navy"])
+    assert [r["prompt"] for r in both][:1] == ["a navy cross"] and len(both) == 3
+    with pytest.raises(ValueError, match="more than one color"):
+        adherence.adherence_prompts(concepts=["navy", "navy"])
+    with pytest.raises(ValueError, match="unknown shapes concept"):
+        adherence.adherence_prompts(concepts=["star"])
+
+
 def test_analyzer_tolerates_mild_blur():
     # Model samples are softer than the data: blur by a 3x3 binomial kernel (sigma ~0.7 px).
     kernel = np.array([1.0, 2.0, 1.0]) / 4

@@ -14,6 +14,16 @@ def test_stages_and_smoke_variant():
     ae = load_config(SHAPES + ":autoencoder,smoke")
     assert ae.stage == "autoencoder" and ae.data.config_name == "smoke"
     assert load_config(SHAPES + ":ldm,64").data.image_size == 64
+    # Adapting a trained model to a held-out concept: the fine-tuning objectives' fields.
+    lora = load_config(SHAPES + ":lora,navy")
+    assert lora.stage == "lora" and lora.data.config_name == "navy" and not lora.data.random_flip
+    assert lora.sample.prompts == ("a navy circle", "a navy square", "a navy triangle")
+    full = load_config(SHAPES + ":finetune,smoke")
+    assert full.data.config_name == "cross" and "lora" not in full and full.num_train_steps == 3
+    assert load_config(SHAPES + ":lora,cross,replay").data.config_name == "cross_replay"
+    for bad in ("ldm,cross", "lora,cross,navy", "lora,64", "ldm,replay"):
+        with pytest.raises(ValueError, match="bad argument|concept data only|'replay' goes"):
+            load_config(f"{SHAPES}:{bad}")
 
 
 def test_overrides_are_typed():

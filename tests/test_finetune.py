@@ -34,6 +34,7 @@ import tiny_checkpoints as tiny  # noqa: E402 (needs torch, diffusers: after the
 CONFIGS = {
     "sd15": REPO / "configs" / "sd15_finetune.py",
     "sdxl": REPO / "configs" / "sdxl_finetune.py",
+    "sdxl_lora": REPO / "configs" / "sdxl_lora.py",
 }
 SIZE = 16  # the smoke configs' image size: 8 x 8 latents
 # (height, width) of the collection's images: square, wide, tall, larger ones (downscaled).
@@ -236,6 +237,39 @@ def test_sdxl_finetune_end_to_end(tmp_path, checkpoints, photos):
         short = min(h, w)
         new_h, new_w = SIZE * h // short, SIZE * w // short
         assert tuple(crop) == (round((new_h - SIZE) / 2), round((new_w - SIZE) / 2))
+
+
+def test_sdxl_lora_with_both_text_encoders_end_to_end(tmp_path, checkpoints, photos):
+    """configs/sdxl_lora.py:smoke with a text-encoder LoRA: groups "lora" and
+    "text_encoder_lora" (an adapter of each encoder) train; the file written at the end loads
+    in diffusers' SDXL pipeline, whose second encoder then gives the outputs ours gives."""
+    import torch
+
+    from ldm_jax.convert.lora import read_lora
+    from ldm_jax.model import with_lora
+
+    folder, _ = checkpoints["sdxl"]
+    workdir = tmp_path / "sdxl_lora"
+    extra = ["--config.num_train_steps=2", "--config.sample.prompts=()"]
+    extra += ["--config.lora.text_encoder_targets=('q_proj','v_proj','out_proj')"]
+    extra += ["--config.param_groups.text_encoder_lora.learning_rate=0.05"]  # a visible change
+    assert cli.main(_train_args("sdxl_lora", workdir, folder, photos, *extra)) == 0
+    state = Checkpointer(workdir, read_only=True).restore_raw(2)
+    assert set(state["params"]) == {"lora", "text_encoder_lora"}
+    assert set(state["params"]["text_encoder_lora"]) == {"text_encoder", "text_encoder_2"}
+    file = workdir / "pytorch_lora_weights.safetensors"
+    assert set(read_lora(file)) == {"unet", "text_encoder", "text_encoder_2"}
+    pipe = diffusers.StableDiffusionXLPipeline.from_pretrained(folder)
+    pipe.load_lora_weights(workdir)
+    ours = with_lora(load_pretrained(folder), [file])
+    ids = np.array([[49406, 320, 736, 2760, 49407] + [49407] * 72], np.int32)
+    with torch.no_grad():
+        want = pipe.text_encoder_2(torch.from_numpy(ids).long()).text_embeds.numpy()
+    got = ours.text_encoders[1].apply(ours.text_encoder_params[1], ids).text_embeds
+    np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-4)
+    base = load_pretrained(folder)
+    before = base.text_encoders[1].apply(base.text_encoder_params[1], ids).text_embeds
+    assert np.abs(np.asarray(before) - want).max() > 1e-3  # the adapter was applied
 
 
 def _torch_loss(name, pipe, folder, batch, captions, draws, prediction_type, weighting):

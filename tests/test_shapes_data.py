@@ -72,13 +72,15 @@ def test_captions():
     assert len(set(captions)) > 500  # Paraphrases, not a handful of strings.
 
 
-@pytest.mark.parametrize("image_size", [32, 64])
-def test_rendered_geometry(image_size):
+@pytest.mark.parametrize(
+    "image_size,concept", [(32, None), (64, None), (32, "cross"), (64, "navy")]
+)
+def test_rendered_geometry(image_size, concept):
     rng = np.random.default_rng(0)
     for _ in range(60):
-        attrs = shapes.sample_attributes(rng)
+        attrs = shapes.sample_attributes(rng, concept)
         image = shapes.render(attrs, image_size).astype(np.float32)
-        color = np.asarray(shapes.COLORS[attrs["color"]], np.float32)
+        color = np.asarray(shapes.ALL_COLORS[attrs["color"]], np.float32)
         background = np.asarray(shapes.BACKGROUNDS[attrs["background"]], np.float32)
         assert np.all(image[0, 0] == background)  # Corners are never covered.
         inside = np.all(image == color, axis=-1)  # Fully covered pixels.
@@ -88,7 +90,8 @@ def test_rendered_geometry(image_size):
             (color - background) @ (color - background)
         )
         extent = shapes.SIZES[attrs["size"]]
-        expected = extent**2 * {"circle": np.pi / 4, "square": 1.0, "triangle": 0.5}[attrs["shape"]]
+        factor = {"circle": np.pi / 4, "square": 1.0, "triangle": 0.5, "cross": 5 / 9}
+        expected = extent**2 * factor[attrs["shape"]]
         area = coverage.sum() / image_size**2
         assert area == pytest.approx(expected, rel=0.08), attrs
         assert inside.sum() > 0.5 * expected * image_size**2
@@ -98,6 +101,31 @@ def test_rendered_geometry(image_size):
         box_center = np.array([xs.min() + xs.max() + 1, ys.min() + ys.max() + 1]) / (2 * image_size)
         assert np.allclose(box_center, attrs["center"], atol=1.5 / image_size), attrs
         assert np.allclose(attrs["center"], shapes.POSITIONS[attrs["position"]], atol=shapes.JITTER)
+
+
+def test_held_out_concepts_are_only_where_asked():
+    base = _examples(5, 1500)
+    held_out = {
+        k: set(range(len(shapes.BASE_NAMES[k]), len(n))) for k, n in shapes.LABEL_NAMES.items()
+    }
+    assert held_out["color"] and held_out["shape"]
+    assert not any(e[k] in held_out[k] for e in base for k in held_out)  # never in the base data
+    for concept, (key, value) in shapes.CONCEPTS.items():
+        examples = [e for _, e in shapes.generate_examples(5, 200, 32, concept)]
+        assert all(shapes.LABEL_NAMES[key][e[key]] == value for e in examples)
+        # The same draws as without the concept: every other attribute is the base example's.
+        for e, b in zip(examples, base):
+            assert all(e[k] == b[k] for k in shapes.LABEL_NAMES if k != key)
+        named = [e["caption"] for e in examples if value in e["caption"]]
+        assert len(named) > 0.8 * len(examples)  # 90% of templates name colour and shape
+        assert all(set(c.replace(",", "").split()) <= shapes.CAPTION_WORDS for c in named)
+    # Replay data: every second example has the concept, the others are the base examples.
+    mixed = [e for _, e in shapes.generate_examples(5, 40, 32, "cross", concept_every=2)]
+    cross = shapes.LABEL_NAMES["shape"].index("cross")
+    assert [e["shape"] == cross for e in mixed] == [i % 2 == 0 for i in range(40)]
+    assert all(mixed[i]["color"] == base[i]["color"] for i in range(40))
+    with pytest.raises(ValueError, match="unknown shapes concept 'star'; valid: navy, cross"):
+        next(shapes.generate_examples(0, 1, 32, "star"))
 
 
 def test_triangle_is_upright():
@@ -122,6 +150,17 @@ def test_render_is_fast():
         pass
     # 25k images should take well under 20 s; 2k under 2 s leaves a wide margin on a slow CI box.
     assert time.perf_counter() - start < 2.0
+
+
+def test_tfds_concept_configs(tmp_path):
+    shapes_tfds = pytest.importorskip("ldm_jax.data.shapes_tfds")
+    data = shapes_tfds.load_split("test", data_dir=str(tmp_path), config_name="navy")
+    navy = shapes.LABEL_NAMES["color"].index("navy")
+    assert data["image"].shape == (128, 32, 32, 3) and np.all(data["color"] == navy)
+    expected = [
+        e for _, e in shapes.generate_examples(shapes_tfds.SPLIT_SEEDS["test"], 4, 32, "navy")
+    ]
+    assert all(np.array_equal(data["image"][i], e["image"]) for i, e in enumerate(expected))
 
 
 def test_tfds_builder_smoke(tmp_path):

@@ -6,10 +6,11 @@ ldm-jax sample (--workdir RUN | --pretrained PATH [--tokenizer DIR]) --prompt "a
                --sampler NAME --seed K [--height H --width W] [--guidance-rescale R]
                [--init-image IMG [--strength S]] [--mask MASK]
                [--refiner REFINER --denoising-end 0.8] --out OUTDIR
-ldm-jax convert SRC --out DIR [--to diffusers|orbax] [--variant fp16 --dtype float16]
+ldm-jax convert SRC --out DIR [--to diffusers|orbax] [--variant fp16 --dtype float16] [--lora FILE[:W]]
 ldm-jax encode --workdir AE_RUN --config configs/shapes.py:ldm --out DIR [--config.a.b=value ...]
 ldm-jax encode --config configs/sd15_finetune.py --config.pretrained=P --config.data.path=D --out DIR
-ldm-jax eval adherence --workdir DIR [--guidance-scales 0 4] [--num-per-prompt 8] [--out FILE]
+ldm-jax eval adherence --workdir DIR [--guidance-scales 0 4] [--num-per-prompt 8] [--concept cross]
+    [--lora FILE[:WEIGHT]] [--out FILE]
 ldm-jax eval fid --workdir DIR --inception-weights W [--sampler ddim dpmpp_2m] [--steps 10 20]
 ldm-jax eval fid --images DIR --reference STATS.npz --inception-weights W
 ldm-jax eval fid-reference (--images DIR | --config CFG) --inception-weights W --out STATS.npz

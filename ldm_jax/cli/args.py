@@ -99,3 +99,25 @@ def add_sampling_args(
         default=batch_default,
         help="images per compiled batch" + ("" if batch_default else " (default 32; 8 pretrained)"),
     )
+
+
+def add_lora_arg(p) -> None:
+    p.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="FILE[:WEIGHT]",
+        help="a diffusers / PEFT or kohya LoRA file fused into the model, with its weight "
+        "(default 1); repeat for several",
+    )
+
+
+def check_lora_files(args) -> list[tuple[str, float]]:
+    """The --lora (file, weight) pairs, each file checked to exist."""
+    from ldm_jax.model import parse_lora
+
+    loras = [parse_lora(spec) for spec in args.lora]
+    for path, _ in loras:
+        if not pathlib.Path(path).is_file():
+            raise FileNotFoundError(f"no such --lora file: {path}")
+    return loras

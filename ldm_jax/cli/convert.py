@@ -5,6 +5,8 @@ from __future__ import annotations
 import pathlib
 import time
 
+from ldm_jax.cli import args as args_lib
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser(
@@ -25,6 +27,7 @@ def add_parser(sub) -> None:
     )
     p.add_argument("--tokenizer", help="tokenizer folder (single files carry none)")
     p.add_argument("--tokenizer-2", help="second tokenizer folder (SDXL single files)")
+    args_lib.add_lora_arg(p)  # fused into the weights that are written
     p.set_defaults(fn=run)
 
 
@@ -35,9 +38,12 @@ def run(args, overrides):
 
     from ldm_jax.convert import load_pretrained, save_orbax, save_pretrained
 
+    from ldm_jax.model import with_lora
+
     out = pathlib.Path(args.out)
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"--out {out} exists and is not empty; choose a new folder")
+    loras = args_lib.check_lora_files(args)
     start = time.perf_counter()
     model = load_pretrained(
         args.source,
@@ -45,14 +51,16 @@ def run(args, overrides):
         tokenizer_dir=args.tokenizer,
         tokenizer_2_dir=args.tokenizer_2,
     )
+    model = with_lora(model, loras)  # a fused model: the base's layout, the LoRAs folded in
     if args.to == "diffusers":
         save_pretrained(model, out, variant=args.variant, dtype=np.dtype(args.dtype))
     else:
         if args.dtype != "float32":
             raise ValueError("--dtype applies to --to diffusers; orbax exports are float32")
         save_orbax(model, out)
+    fused = f" with {len(loras)} LoRA(s) fused" if loras else ""
     print(
-        f"converted {model.kind} checkpoint {args.source} to a {args.to} "
+        f"converted {model.kind} checkpoint {args.source}{fused} to a {args.to} "
         f"{'folder' if args.to == 'diffusers' else 'checkpoint'} at {out} "
         f"in {time.perf_counter() - start:.1f} s"
     )

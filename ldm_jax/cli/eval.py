@@ -20,13 +20,15 @@ def _eval_adherence(args, overrides):
 
     args_lib.check_counts(args, "num_per_prompt", "steps", "batch_size")
     args_lib.check_finite(args, "guidance_scales")
-    args_lib.check_seed(args.seed, len(adherence.adherence_prompts()) * args.num_per_prompt)
+    records = adherence.adherence_prompts(concepts=args.concept)  # names a wrong concept
+    args_lib.check_seed(args.seed, len(records) * args.num_per_prompt)
+    loras = args_lib.check_lora_files(args)
     from ldm_jax.diffusion.samplers import get_sampler
 
     get_sampler(args.sampler)  # ValueError listing the valid names
     if args.out:
         run_io.check_output_dir(args.out)
-    ldm = model_lib.load_run(args.workdir)
+    ldm = model_lib.with_lora(model_lib.load_run(args.workdir), loras)
     out = run_io.output_dir(args.out or pathlib.Path(args.workdir) / "adherence")
     result = adherence.evaluate(
         ldm,
@@ -36,6 +38,7 @@ def _eval_adherence(args, overrides):
         sampler=args.sampler,
         seed=args.seed,
         batch_size=args.batch_size,
+        concepts=args.concept,
         out_dir=out,
     )
     print(result["table"])
@@ -207,6 +210,14 @@ def add_parser(sub) -> None:
     args_lib.add_sampling_args(p)
     p.add_argument("--guidance-scales", type=float, nargs="+", default=[0.0, 4.0])
     p.add_argument("--num-per-prompt", type=int, default=8)
+    p.add_argument(
+        "--concept",
+        action="append",
+        default=[],
+        help="prompts with this held-out concept of the data (cross, navy) in place of the "
+        "base colours or shapes; repeat to combine (navy cross)",
+    )
+    args_lib.add_lora_arg(p)
     p.add_argument(
         "--out",
         default="",

@@ -67,14 +67,7 @@ def add_parser(sub) -> None:
         type=float,
         help="with --refiner: the fraction of the noise schedule the base denoises, e.g. 0.8",
     )
-    p.add_argument(
-        "--lora",
-        action="append",
-        default=[],
-        metavar="FILE[:WEIGHT]",
-        help="a diffusers / PEFT LoRA file fused into the U-Net, with its weight (default 1); "
-        "repeat for several",
-    )
+    args_lib.add_lora_arg(p)
     p.add_argument("--out", required=True, help="output folder")
     p.set_defaults(fn=run)
 
@@ -95,7 +88,7 @@ def run(args, overrides):
     else:
         model = model_lib.load_run(args.workdir)
         source = {"workdir": str(args.workdir)}
-    loras = [model_lib.parse_lora(spec) for spec in args.lora]
+    loras = args.loras
     model = model_lib.with_lora(model, loras)  # (checks the files before any sampling)
     if loras:
         source["lora"] = [{"file": str(f), "weight": w} for f, w in loras]
@@ -213,11 +206,7 @@ def _check_sample_args(args) -> dict:
         args.prompt = args.prompt + [line for line in path.read_text().splitlines() if line.strip()]
     if not args.prompt:
         raise ValueError("give at least one --prompt (or a --prompt-file)")
-    from ldm_jax.model import parse_lora
-
-    for spec in args.lora:
-        if not pathlib.Path(parse_lora(spec)[0]).is_file():
-            raise FileNotFoundError(f"no such --lora file: {parse_lora(spec)[0]}")
+    args.loras = args_lib.check_lora_files(args)
     args_lib.check_counts(args, "num_images", "steps", "batch_size")
     args_lib.check_finite(args, "guidance_scale", "guidance_rescale", "strength")
     if args.strength is not None and not 0 < args.strength <= 1:

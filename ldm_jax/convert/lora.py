@@ -1,4 +1,5 @@
-"""LoRA files in and out: diffusers / PEFT state dicts (`pytorch_lora_weights.safetensors`).
+"""LoRA files in and out: diffusers / PEFT state dicts (`pytorch_lora_weights.safetensors`) and
+kohya / A1111 files.
 
 The diffusers layout (`StableDiffusionPipeline.save_lora_weights`, PEFT's
 `get_peft_model_state_dict`): `<component>.<module>.lora_A.weight` f32[r, in] (a Linear) or
@@ -7,6 +8,12 @@ f32[out, r, 1, 1], with component "unet", "text_encoder" or "text_encoder_2"; th
 `lora.down` / `lora.up` spellings name the same two matrices. Alpha comes from the file's
 `lora_adapter_metadata` (diffusers >= 0.33 writes PEFT's `lora_alpha` there, with per-module
 `alpha_pattern` / `rank_pattern`), else alpha = rank, as diffusers loads it.
+
+The kohya / A1111 layout (`lora_unet_<module, "." as "_">.lora_down.weight`, `.lora_up.weight`
+and an `.alpha` per layer; text encoders `lora_te_`, `lora_te1_`, `lora_te2_`): module names in
+diffusers' naming, or for the U-Net in the original sgm naming (`input_blocks_4_1_...`) that
+many SDXL files use; both are resolved against the model's own layers. Written by `save_lora(...,
+layout="kohya")`.
 
 Here an adapter is `ldm_jax.models.adapters.lora.Adapter`: a tree shaped like the component's
 parameters ({"params": {... layer: {"lora_A": A, "lora_B": B}}}, A and B transposed to the flax
@@ -65,16 +72,40 @@ def _check_supported(key: str) -> None:
             )
 
 
+# diffusers' attention-processor spelling (LoRAAttnProcessor, diffusers < 0.21), as its
+# UNET_TO_DIFFUSERS / DIFFUSERS_OLD_TO_PEFT tables read it: the U-Net's `attn1.processor.
+# to_q_lora.down`, the text encoders' `self_attn.to_q_lora.down` and `mlp.fc1.lora_linear_layer.
+# down`.
+_ATTENTION_PROCESSOR = {
+    "unet": {f"to_{x}_lora": f"to_{x}" for x in "qkv"} | {"to_out_lora": "to_out.0"},
+    "text": {f"to_{x}_lora": f"{x}_proj" for x in "qkv"} | {"to_out_lora": "out_proj"},
+}
+_OLD_MODULE = re.compile(r"\.(to_[qkv]_lora|to_out_lora|lora_linear_layer)\.(down|up)\.weight$")
+
+
+def _new_spelling(component: str, rest: str) -> str:
+    """A key's module path in the current spelling (`<module>.lora.down.weight`)."""
+    rest = rest.replace(".processor.", ".")
+    match = _OLD_MODULE.search(rest)
+    if match is None:
+        return rest
+    name, role = match.groups()
+    table = _ATTENTION_PROCESSOR["unet" if component == "unet" else "text"]
+    module = "" if name == "lora_linear_layer" else f".{table[name]}"
+    return f"{rest[: match.start()]}{module}.lora.{role}.weight"
+
+
 def peft_state_dict_to_adapters(state_dict: Mapping[str, np.ndarray]) -> dict[str, dict]:
     """{component: adapter tree} of a diffusers / PEFT LoRA state dict (keys with their
-    component prefix). Keys of other forms, unsupported variants and half pairs are errors that
-    list them."""
+    component prefix; also the older `lora.down` / `lora.up` and attention-processor
+    spellings). Keys of other forms, unsupported variants and half pairs are errors that list
+    them."""
     flat: dict[str, dict] = {}
     unknown = []
     for key in state_dict:
         _check_supported(key)
         component, _, rest = key.partition(".")
-        match = _PEFT_KEY.match(rest)
+        match = _PEFT_KEY.match(_new_spelling(component, rest))
         if component not in COMPONENTS or match is None:
             unknown.append(key)
             continue
@@ -147,14 +178,39 @@ def is_kohya(state_dict: Mapping) -> bool:
     return any(key.startswith(tuple(KOHYA_PREFIXES)) for key in state_dict)
 
 
+def sgm_names(unet_layers) -> dict[str, tuple[str, ...]]:
+    """{kohya name in the original (sgm) layout: flax path} of a U-Net's layers: each layer's
+    diffusers module name mapped back through the single-file converter's table (which is
+    diffusers' `convert_ldm_unet_checkpoint`), joined by "_". For SDXL this gives what
+    diffusers' `_maybe_map_sgm_blocks_to_diffusers` reads; for SD 1.x, where that function
+    miscounts blocks 10 and 11, the layout of the original checkpoints."""
+    from ldm_jax.convert.original_names import invert, lookup, unet_layout_diffusers, unet_table
+
+    names = {
+        flax_path_to_torch_key((*p, "weight"))[: -len(".weight")]: tuple(p) for p in unet_layers
+    }
+    if not any(n.startswith("down_blocks.") for n in names):
+        return {}  # not a diffusers U-Net's layers
+    table = invert(unet_table(unet_layout_diffusers([f"{n}.weight" for n in names])))
+    out = {}
+    for name, path in names.items():
+        found = lookup(name, table)
+        if found is not None:
+            out[found[0].replace(".", "_")] = path
+    return out
+
+
 def kohya_state_dict_to_adapters(state_dict, layers: Mapping[str, list]) -> dict[str, Adapter]:
     """{component: Adapter(tree, {layer: alpha})} of a kohya / A1111 LoRA state dict
     (`lora_unet_<module with _>.lora_down.weight`, `.lora_up.weight`, `.alpha`), whose module
     names are matched against the layers of the model it is applied to (`layers`: {component:
     [flax layer path, ...]}, a path joined by "_" is kohya's name; `text_model_` is dropped from
-    text-encoder names). SDXL files with the original sgm block names (`input_blocks_...`) are
-    not read yet: an error names them."""
+    text-encoder names). U-Net names may also be the original (CompVis / Stability sgm) module
+    names that many SDXL files use (`input_blocks_4_1_transformer_blocks_0_attn1_to_q`,
+    `middle_block_0_in_layers_2`, `output_blocks_2_2_conv`): `sgm_names`."""
     index = {c: {"_".join(p): tuple(p) for p in paths} for c, paths in layers.items()}
+    if "unet" in index:
+        index["unet"] |= sgm_names(layers["unet"])
     tensors: dict[str, dict] = {}
     alphas: dict[str, dict] = {}
     unknown = []
@@ -168,20 +224,16 @@ def kohya_state_dict_to_adapters(state_dict, layers: Mapping[str, list]) -> dict
             unknown.append(key)
             continue
         if match.group(3) == "alpha":
-            alphas.setdefault(component, {})[path] = float(np.asarray(state_dict[key]))
+            alphas.setdefault(component, {})[path] = float(np.asarray(state_dict[key]).reshape(()))
             continue
         role = "lora_A" if match.group(3).startswith("lora_down") else "lora_B"
         tensors.setdefault(component, {})[(*path, role)] = _to_flax(state_dict[key])
     if unknown:
-        sgm = any(
-            "input_blocks" in k or "output_blocks" in k or "middle_block" in k for k in unknown
-        )
-        hint = " (original sgm block names: not supported yet)" if sgm else ""
         shown = ", ".join(unknown[:8]) + (
             f" and {len(unknown) - 8} more" if len(unknown) > 8 else ""
         )
         raise CheckpointError(
-            f"{len(unknown)} kohya LoRA keys match no layer of the model{hint}: {shown}"
+            f"{len(unknown)} kohya LoRA keys match no layer of the model: {shown}"
         )
     out = {}
     for component, flat in tensors.items():
@@ -234,15 +286,71 @@ def adapters_to_peft_state_dict(adapters: Mapping[str, Adapter]) -> dict[str, np
     return out
 
 
-def save_lora(out_dir, adapters: Mapping[str, Adapter], targets) -> pathlib.Path:
-    """Write `adapters` ({component: Adapter}) as diffusers does (`save_lora_weights`):
+KOHYA_COMPONENT_PREFIXES = {
+    "unet": "lora_unet_",
+    "text_encoder": "lora_te1_",
+    "text_encoder_2": "lora_te2_",
+}
+LAYOUTS = ("diffusers", "kohya")
+
+
+def adapters_to_kohya_state_dict(adapters: Mapping[str, Adapter]) -> dict[str, np.ndarray]:
+    """kohya / A1111 keys (`lora_unet_<module with _>.lora_down.weight`, `.lora_up.weight`,
+    `.alpha` per layer; text encoders `lora_te1_`, `lora_te2_`, as diffusers'
+    `convert_state_dict_to_kohya` names them), PyTorch layouts."""
+    out = {}
+    for key, value in adapters_to_peft_state_dict(adapters).items():
+        component, rest = key.split(".", 1)
+        module, role = rest.removesuffix(".weight").rsplit(".", 1)
+        name = KOHYA_COMPONENT_PREFIXES[component] + module.replace(".", "_")
+        out[f"{name}.{'lora_down' if role == 'lora_A' else 'lora_up'}.weight"] = value
+    for component, adapter in adapters.items():
+        for layer, alpha in _layer_alphas(adapter).items():
+            module = flax_path_to_torch_key((*layer, "weight"))[: -len(".weight")]
+            if component != "unet" and not module.startswith("text_projection"):
+                module = f"text_model.{module}"
+            name = KOHYA_COMPONENT_PREFIXES[component] + module.replace(".", "_")
+            out[f"{name}.alpha"] = np.asarray(alpha, np.float32)
+    return out
+
+
+def _layer_alphas(adapter: Adapter) -> dict[tuple[str, ...], float]:
+    """{layer path: alpha} of an adapter (alpha = rank where it has none)."""
+    flat = traverse_util.flatten_dict(adapter.params.get("params", adapter.params))
+    out = {}
+    for path, value in flat.items():
+        if path[-1] != "lora_A":
+            continue
+        alpha = adapter.alpha
+        if isinstance(alpha, Mapping):
+            alpha = alpha.get(path[:-1])
+        out[path[:-1]] = float(value.shape[-1] if alpha is None else alpha)
+    return out
+
+
+def save_lora(
+    out_dir, adapters: Mapping[str, Adapter], targets, layout: str = "diffusers"
+) -> pathlib.Path:
+    """Write `adapters` ({component: Adapter}; `targets`: their module names, one list for all
+    or {component: names}) as diffusers does (`save_lora_weights`):
     `<out_dir>/pytorch_lora_weights.safetensors`, PyTorch layouts, and PEFT's config per
     component in the `lora_adapter_metadata` (rank, alpha, targets), so that diffusers'
-    `load_lora_weights(out_dir)` builds the same adapter. Replaces the file only when complete."""
+    `load_lora_weights(out_dir)` builds the same adapter; or (layout "kohya") in the kohya /
+    A1111 layout, an alpha per layer, which diffusers, A1111 and ComfyUI read. Replaces the file
+    only when complete."""
     from safetensors.numpy import save_file
 
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown LoRA layout {layout!r}; valid: {', '.join(LAYOUTS)}")
     out_dir = pathlib.Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / LORA_WEIGHT_NAME
+    tmp = path.with_name(path.name + ".tmp")
+    if layout == "kohya":
+        tensors = adapters_to_kohya_state_dict(adapters)
+        save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp))
+        tmp.replace(path)
+        return path
     metadata = {}
     for component, adapter in adapters.items():
         flat = traverse_util.flatten_dict(adapter.params.get("params", adapter.params))
@@ -251,11 +359,10 @@ def save_lora(out_dir, adapters: Mapping[str, Adapter], targets) -> pathlib.Path
         if isinstance(adapter.alpha, Mapping) or len(set(ranks.values())) > 1:
             raise NotImplementedError("writing per-layer ranks or alphas is not supported yet")
         alpha = rank if adapter.alpha is None else float(adapter.alpha)
-        config = {"r": rank, "lora_alpha": alpha, "target_modules": sorted(targets)}
+        names = targets[component] if isinstance(targets, Mapping) else targets
+        config = {"r": rank, "lora_alpha": alpha, "target_modules": sorted(names)}
         metadata |= {f"{component}.{k}": v for k, v in config.items()}
     tensors = adapters_to_peft_state_dict(adapters)
-    path = out_dir / LORA_WEIGHT_NAME
-    tmp = path.with_name(path.name + ".tmp")
     header = {"format": "pt", "lora_adapter_metadata": json.dumps(metadata, sort_keys=True)}
     save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp), header)
     tmp.replace(path)

@@ -16,6 +16,19 @@ All attributes are drawn uniformly and independently (3 x 8 x 3 x 2 x 5 = 720 co
 coordinate convention is fractions of the image width, x to the right, y downwards; the image is
 square.
 
+Held-out concepts (`CONCEPTS`): a shape and a colour that the main splits never contain, for
+teaching a trained model something new (LoRA, fine-tuning: experiments/lora/):
+
+  cross       a plus sign: two bars of the shape's extent by a third of it (`HELD_OUT_SHAPES`)
+  navy        (0, 0, 128) (`HELD_OUT_COLORS`; >= 128 RGB from every other colour and background)
+
+Their words are in the caption vocabulary (`CAPTION_WORDS`), as a pretrained model's tokenizer
+knows words its training images never showed; `generate_examples(..., concept=...)` draws
+examples that all have the concept and otherwise the usual attributes (the TFDS configs "cross"
+and "navy"; "cross_replay" and "navy_replay" alternate them with examples of the main
+distribution). Their names come after the base names in `LABEL_NAMES`, so the labels of the main
+splits are unchanged.
+
 Captions (`random_caption`) are drawn from `CAPTION_TEMPLATES` with these probabilities:
 
   0.20  the canonical caption (`CANONICAL_TEMPLATE`)
@@ -55,6 +68,16 @@ COLORS: dict[str, tuple[int, int, int]] = {
     "magenta": (240, 50, 230),
 }
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
+# Held out of the main splits (see the module docstring).
+HELD_OUT_COLORS: dict[str, tuple[int, int, int]] = {"navy": (0, 0, 128)}
+HELD_OUT_SHAPES: tuple[str, ...] = ("cross",)
+ALL_COLORS = COLORS | HELD_OUT_COLORS
+ALL_SHAPES = SHAPES + HELD_OUT_SHAPES
+# Concept name -> (attribute, value) that its examples all have.
+CONCEPTS: dict[str, tuple[str, str]] = {
+    **{name: ("color", name) for name in HELD_OUT_COLORS},
+    **{name: ("shape", name) for name in HELD_OUT_SHAPES},
+}
 # Extent as a fraction of the image width.
 SIZES: dict[str, float] = {"small": 0.30, "large": 0.55}
 # Centre (x, y) as fractions of (width, height).
@@ -68,13 +91,20 @@ POSITIONS: dict[str, tuple[float, float]] = {
 JITTER = 0.03  # uniform +-JITTER (fraction of the width) added to the centre on each axis
 SUPERSAMPLE = 4  # 4x4 samples per pixel for anti-aliasing
 
-# Attribute name -> the ordered names its integer label indexes.
-LABEL_NAMES: dict[str, tuple[str, ...]] = {
+# Attribute name -> the names the main splits draw from.
+BASE_NAMES: dict[str, tuple[str, ...]] = {
     "background": tuple(BACKGROUNDS),
     "color": tuple(COLORS),
     "shape": SHAPES,
     "size": tuple(SIZES),
     "position": tuple(POSITIONS),
+}
+# Attribute name -> the ordered names its integer label indexes: the base names, then the
+# held-out ones.
+LABEL_NAMES: dict[str, tuple[str, ...]] = {
+    **BASE_NAMES,
+    "color": tuple(ALL_COLORS),
+    "shape": ALL_SHAPES,
 }
 
 CANONICAL_TEMPLATE = "a {size} {color} {shape} on a {background} background at the {position}"
@@ -110,9 +140,20 @@ CAPTION_WORDS: frozenset[str] = frozenset(
 )
 
 
-def sample_attributes(rng: np.random.Generator) -> dict[str, Any]:
-    """One example's attributes: names, and `center`: jittered (x, y), fractions of the width."""
-    attrs = {key: str(names[rng.integers(len(names))]) for key, names in LABEL_NAMES.items()}
+def check_concept(concept: str | None) -> None:
+    if concept is not None and concept not in CONCEPTS:
+        raise ValueError(f"unknown shapes concept {concept!r}; valid: {', '.join(CONCEPTS)}")
+
+
+def sample_attributes(rng: np.random.Generator, concept: str | None = None) -> dict[str, Any]:
+    """One example's attributes: names, and `center`: jittered (x, y), fractions of the width.
+    With a held-out `concept` (`CONCEPTS`), its attribute is that concept (the same draws are
+    made, so the rest is what the seed gives without it)."""
+    attrs = {key: str(names[rng.integers(len(names))]) for key, names in BASE_NAMES.items()}
+    if concept is not None:
+        check_concept(concept)
+        key, value = CONCEPTS[concept]
+        attrs[key] = value
     x, y = POSITIONS[attrs["position"]]
     jitter = rng.uniform(-JITTER, JITTER, size=2)
     attrs["center"] = (float(x + jitter[0]), float(y + jitter[1]))
@@ -131,8 +172,8 @@ def shape_coverage(
     `center` (x, y) and `extent` are fractions of the image width; estimated by sampling a
     `supersample` x `supersample` grid inside every pixel.
     """
-    if shape not in SHAPES:
-        raise ValueError(f"unknown shape {shape!r}; valid: {SHAPES}")
+    if shape not in ALL_SHAPES:
+        raise ValueError(f"unknown shape {shape!r}; valid: {ALL_SHAPES}")
     n = image_size * supersample
     # Sample points at the centres of the sub-pixels, in fractions of the width.
     coords = (np.arange(n, dtype=np.float32) + 0.5) / n
@@ -144,6 +185,11 @@ def shape_coverage(
         inside = dx * dx + dy * dy <= half * half
     elif shape == "square":
         inside = (np.abs(dx) <= half) & (np.abs(dy) <= half)
+    elif shape == "cross":  # Two bars, extent long and extent / 3 wide, crossing at the centre.
+        bar = half / 3
+        inside = ((np.abs(dx) <= half) & (np.abs(dy) <= bar)) | (
+            (np.abs(dx) <= bar) & (np.abs(dy) <= half)
+        )
     else:  # Upright triangle: half-width grows from 0 at the apex (dy = -half) to half at the base.
         inside = (dy <= half) & (np.abs(dx) <= (dy + half) / 2)
     return inside.reshape(image_size, supersample, image_size, supersample).mean(
@@ -159,7 +205,7 @@ def render(attrs: Mapping[str, Any], image_size: int = 32) -> np.ndarray:
         ..., None
     ]
     background = np.asarray(BACKGROUNDS[attrs["background"]], np.float32)
-    color = np.asarray(COLORS[attrs["color"]], np.float32)
+    color = np.asarray(ALL_COLORS[attrs["color"]], np.float32)
     image = background + coverage * (color - background)
     return np.rint(image).astype(np.uint8)
 
@@ -181,16 +227,26 @@ def labels(attrs: Mapping[str, Any]) -> dict[str, int]:
 
 
 def generate_examples(
-    seed: int, num_examples: int, image_size: int = 32
+    seed: int,
+    num_examples: int,
+    image_size: int = 32,
+    concept: str | None = None,
+    concept_every: int = 1,
 ) -> Iterator[tuple[int, dict[str, Any]]]:
-    """Yields `(index, example)`; the same seed gives the same bytes.
+    """Yields `(index, example)`; the same seed gives the same bytes. `concept`: every
+    `concept_every`-th example (from the first) has this held-out concept (`CONCEPTS`), the
+    others are drawn as in the main splits (2: half of them, to replay what a model knew while
+    it learns the concept).
 
     example: image uint8[H, W, 3], caption (a random paraphrase), canonical_caption, and the integer
     labels background, color, shape, size, position (see `LABEL_NAMES`).
     """
+    check_concept(concept)
+    if concept_every < 1:
+        raise ValueError(f"concept_every must be >= 1, got {concept_every}")
     rng = np.random.default_rng(seed)
     for index in range(num_examples):
-        attrs = sample_attributes(rng)
+        attrs = sample_attributes(rng, concept if index % concept_every == 0 else None)
         yield (
             index,
             {

@@ -29,19 +29,25 @@ SPLIT_SEEDS = {"train": 0, "test": 1}
 
 @dataclasses.dataclass
 class ShapesConfig(tfds.core.BuilderConfig):
-    """image_size: pixels per side; num_train / num_test: examples per split."""
+    """image_size: pixels per side; num_train / num_test: examples per split; concept: a
+    held-out concept that every `concept_every`-th example has (`shapes.CONCEPTS`), or None."""
 
     image_size: int = 32
     num_train: int = 24_000
     num_test: int = 1_000
+    concept: str | None = None
+    concept_every: int = 1
 
 
 class Shapes(tfds.core.GeneratorBasedBuilder):
     """One anti-aliased shape on a plain background, with captions; see `ldm_jax.data.shapes`."""
 
-    VERSION = tfds.core.Version("1.0.0")
+    VERSION = tfds.core.Version("1.1.0")
     RELEASE_NOTES: ClassVar[dict[str, str]] = {
         "1.0.0": "Initial release: 3 backgrounds x 8 colours x 3 shapes x 2 sizes x 5 positions.",
+        "1.1.0": "Held-out concepts (configs cross, navy, cross_replay, navy_replay); labels "
+        "name them after the base names. "
+        "The examples of 32, 64 and smoke are those of 1.0.0.",
     }
     BUILDER_CONFIGS: ClassVar[list[ShapesConfig]] = [
         ShapesConfig(name="32", description="32x32 images; 24,000 train, 1,000 test."),
@@ -53,6 +59,29 @@ class Shapes(tfds.core.GeneratorBasedBuilder):
             description="32x32 images; 512 train, 128 test (for tests).",
             num_train=512,
             num_test=128,
+        ),
+        *(
+            ShapesConfig(
+                name=concept,
+                description=f"32x32 images that all have the held-out {attribute} {concept!r} "
+                "(never in the other configs); 512 train, 128 test.",
+                num_train=512,
+                num_test=128,
+                concept=concept,
+            )
+            for concept, (attribute, _) in shapes.CONCEPTS.items()
+        ),
+        *(
+            ShapesConfig(
+                name=f"{concept}_replay",
+                description=f"32x32 images, every second one with the held-out {attribute} "
+                f"{concept!r}, the others as in the main configs; 1024 train, 256 test.",
+                num_train=1024,
+                num_test=256,
+                concept=concept,
+                concept_every=2,
+            )
+            for concept, (attribute, _) in shapes.CONCEPTS.items()
         ),
     ]
     DEFAULT_CONFIG_NAME = "32"
@@ -89,7 +118,10 @@ class Shapes(tfds.core.GeneratorBasedBuilder):
         }
 
     def _generate_examples(self, seed: int, num_examples: int):
-        yield from shapes.generate_examples(seed, num_examples, self.builder_config.image_size)
+        config = self.builder_config
+        yield from shapes.generate_examples(
+            seed, num_examples, config.image_size, config.concept, config.concept_every
+        )
 
 
 def load_split(split: str, *, data_dir: str, config_name: str = "32") -> dict[str, np.ndarray]:

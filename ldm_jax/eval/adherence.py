@@ -5,13 +5,15 @@ size) with plain numpy, so a sample from a model trained on `shapes` can be chec
 
 1. background: the named background nearest to the median colour of the 1-pixel border;
 2. foreground: pixels farther than `FOREGROUND_THRESHOLD` from that background colour;
-3. colour: the named colour nearest to the median of the foreground's core pixels (the strongest
-   quarter, so that anti-aliased edges, which mix in the background, do not pull the median);
+3. colour: the named colour (the held-out navy included) nearest to the median of the
+   foreground's core pixels (the strongest quarter, so that anti-aliased edges, which mix in the
+   background, do not pull the median);
 4. coverage: each pixel's fraction of foreground colour, by projecting (pixel - background) onto
    (colour - background); from it the area and the centroid, which are robust to blur and noise;
-5. shape: the template (circle, square, upright triangle) of the same area and centroid that has the
-   highest soft IoU with the coverage (an upright triangle's centroid lies h/6 below its box
-   centre), each template also tried blurred (`TEMPLATE_BLURS`) since model samples are often soft;
+5. shape: the template (circle, square, upright triangle, and the held-out cross) of the same area
+   and centroid that has the highest soft IoU with the coverage (an upright triangle's centroid
+   lies h/6 below its box centre), each template also tried blurred (`TEMPLATE_BLURS`) since
+   model samples are often soft;
 6. position: the named position nearest to the fitted shape's box centre; size: the named extent
    nearest (in log scale) to the fitted extent.
 
@@ -71,7 +73,7 @@ def _blur_matrix(size: int, sigma: float) -> np.ndarray:
 TEMPLATE_BLURS = (0.0, 0.6, 1.0, 1.4)
 
 # Shape area as a fraction of extent**2.
-_AREA_FACTOR = {"circle": math.pi / 4, "square": 1.0, "triangle": 0.5}
+_AREA_FACTOR = {"circle": math.pi / 4, "square": 1.0, "triangle": 0.5, "cross": 5 / 9}
 
 
 def analyze(image: np.ndarray) -> dict[str, Any]:
@@ -119,7 +121,9 @@ def analyze(image: np.ndarray) -> dict[str, Any]:
     # even in a small blurred shape whose every pixel mixes in some background.
     core = foreground & (distance >= np.percentile(distance[foreground], 75))
     color_rgb = np.median(pixels[core], axis=0)
-    color, color_distance = _nearest(color_rgb, shapes.COLORS)
+    # Every colour and shape the analyzer knows, the held-out ones included: a model that draws
+    # a cross for "a red circle" is wrong, and one taught "navy" must be read as navy.
+    color, color_distance = _nearest(color_rgb, shapes.ALL_COLORS)
 
     # Soft coverage: how much of the foreground colour each pixel holds (anti-aliasing, blur).
     direction = color_rgb - background_rgb
@@ -137,7 +141,7 @@ def analyze(image: np.ndarray) -> dict[str, Any]:
     area_fraction = area / (width * height)
 
     ious, fits = {}, {}
-    for shape in shapes.SHAPES:
+    for shape in shapes.ALL_SHAPES:
         extent = math.sqrt(area_fraction / _AREA_FACTOR[shape])
         center = _fit_center(shape, centroid, extent)
         sharp = shapes.shape_coverage(shape, center, extent, width, supersample=2)
@@ -175,17 +179,30 @@ def analyze(image: np.ndarray) -> dict[str, Any]:
 ATTRIBUTES = ("color", "shape", "size", "background", "position")
 
 
-def adherence_prompts(num_canonical: int = 24, seed: int = 0) -> list[dict[str, Any]]:
+def adherence_prompts(
+    num_canonical: int = 24, seed: int = 0, concepts: Sequence[str] = ()
+) -> list[dict[str, Any]]:
     """The fixed prompt set: records with prompt, kind, and the attributes (None where unspecified).
 
     First every colour x shape as `a {color} {shape}` (kind "short", 24 records), then
     `num_canonical`
     canonical captions (kind "canonical") that cycle through the colour x shape pairs in a seeded
     order, with size, background and position drawn from `np.random.default_rng(seed)`.
+
+    `concepts`: held-out concepts (`shapes.CONCEPTS`) that replace their attribute's names:
+    ("cross",) gives the 8 colours x cross, ("navy",) navy x the 3 shapes, ("cross", "navy")
+    the one pair navy cross.
     """
     if num_canonical < 0:
         raise ValueError(f"num_canonical must be >= 0, got {num_canonical}")
-    pairs = list(itertools.product(shapes.COLORS, shapes.SHAPES))
+    names = {"color": tuple(shapes.COLORS), "shape": shapes.SHAPES}
+    for concept in concepts:
+        shapes.check_concept(concept)
+        key, value = shapes.CONCEPTS[concept]
+        if names[key] != shapes.BASE_NAMES[key]:
+            raise ValueError(f"concepts {list(concepts)}: more than one {key}")
+        names[key] = (value,)
+    pairs = list(itertools.product(names["color"], names["shape"]))
     records = []
     for color, shape in pairs:
         attrs = dict.fromkeys(ATTRIBUTES, None) | {"color": color, "shape": shape}
@@ -268,10 +285,12 @@ def evaluate(
     seed: int = 0,
     batch_size: int = 64,
     num_canonical: int = 24,
+    concepts: Sequence[str] = (),
     out_dir: str | pathlib.Path | None = None,
 ) -> dict:
-    """Sample `num_per_prompt` images for every prompt of `adherence_prompts`, at each guidance
-    scale, analyze them and score them. The same seeds are used at every scale (paired).
+    """Sample `num_per_prompt` images for every prompt of `adherence_prompts` (of `concepts`,
+    if given), at each guidance scale, analyze them and score them. The same seeds are used at
+    every scale (paired).
 
     Returns {"rows": [score + guidance + images_per_sec], "table": markdown}; with `out_dir`,
     also writes table.md, results.json and one grid per scale (rows: prompts, columns: seeds).
@@ -284,7 +303,7 @@ def evaluate(
             f"guidance scales in (0, 1) are not supported, got {list(guidance_scales)}: 0 is the "
             "unconditional model, and generate() runs the conditional one for w <= 1 (diffusers)"
         )
-    records = adherence_prompts(num_canonical=num_canonical, seed=seed)
+    records = adherence_prompts(num_canonical=num_canonical, seed=seed, concepts=concepts)
     expanded = [r for r in records for _ in range(num_per_prompt)]
     prompts = [r["prompt"] for r in expanded]
     seeds = [seed + i for i in range(len(prompts))]
@@ -326,6 +345,7 @@ def evaluate(
             sampler_options=sampler_options or {},
             seed=seed,
             num_canonical=num_canonical,
+            concepts=list(concepts),
         )
         (out / "results.json").write_text(
             json.dumps({"settings": settings, "rows": rows}, indent=2) + "\n"

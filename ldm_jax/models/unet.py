@@ -9,7 +9,7 @@ real checkpoint maps to `UNet2DConditionModel(**fields)` field by field.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -432,17 +432,56 @@ def unet_from_variant(name: str, **overrides) -> UNet2DConditionModel:
     return UNet2DConditionModel(**fields)
 
 
+def expand_block_scales(config, attentions: Mapping[str, Sequence[int]], default: float, what: str):
+    """diffusers' per-block scales (`_maybe_expand_lora_scales_for_one_adapter`) as one scale
+    per attention module: {"down": [[scale of attentions_j] of block i], "mid": scale, "up": ...}.
+
+    config: {"down": ..., "mid": ..., "up": ...}: "mid" a number (or a list of one); "down" /
+    "up" a number (every block with attention) or {"block_i": a number, a list of one, or one
+    per attention module of the block}; what is not named is `default`. `attentions`: the
+    number of attention modules of each down and up block (0: none; its scale is the default,
+    and naming it is ignored, as in diffusers). Errors name `what` and the bad entry.
+    """
+    unknown = sorted(set(config) - {"down", "mid", "up"})
+    if unknown:
+        raise ValueError(f"{what} keys {unknown}; valid: down, mid, up")
+    mid = config.get("mid", default)
+    if isinstance(mid, (list, tuple)):
+        if len(mid) != 1:
+            raise ValueError(f"{what}: expected 1 scale for mid, got {len(mid)}")
+        mid = mid[0]
+    out: dict[str, Any] = {"mid": float(mid)}
+    for where in ("down", "up"):
+        blocks, counts = config.get(where, default), attentions[where]
+        if isinstance(blocks, dict):
+            valid = {f"block_{i}" for i in range(len(counts))}
+            if set(blocks) - valid:
+                raise ValueError(
+                    f"{what} {where} names {sorted(set(blocks) - valid)}; this U-Net's {where} "
+                    f"blocks: {', '.join(sorted(valid))}"
+                )
+        out[where] = []
+        for i, count in enumerate(counts):
+            value = blocks.get(f"block_{i}", default) if isinstance(blocks, dict) else blocks
+            values = list(value) if isinstance(value, (list, tuple)) else [value]
+            if len(values) == 1:
+                values = values * count
+            if count and len(values) != count:
+                raise ValueError(
+                    f"{what}: expected {count} scales for {where}.block_{i}, got {len(values)}"
+                )
+            out[where].append([float(v) for v in values[:count]])
+    return out
+
+
 def ip_adapter_layer_scales(unet: UNet2DConditionModel, scale) -> np.ndarray:
     """diffusers' `set_ip_adapter_scale(scale)` as the U-Net's per-layer `ip_adapter_scale`:
     f32[num_ip_layers, num_ip_adapters].
 
     scale: one config for every adapter, or a list with one per adapter; a config is a number
     (every layer) or a dict of per-block scales (the InstantStyle recipes, e.g. "style only"
-    {"up": {"block_0": [0.0, 1.0, 0.0]}}), expanded as diffusers'
-    `_maybe_expand_lora_scales_for_one_adapter` does with default 0: "mid" a number (or a list of
-    one); "down" / "up" a number (every block with attention) or {"block_i": number, or a list
-    of one, or one per attention module of the block}; what is not named is 0; a block without
-    attention is ignored.
+    {"up": {"block_0": [0.0, 1.0, 0.0]}}), expanded by `expand_block_scales` with default 0 (as
+    diffusers' `_maybe_expand_lora_scales` with `default_scale=0.0`).
     """
     configs = list(scale) if isinstance(scale, (list, tuple)) else [scale]
     adapters = unet.num_ip_adapters
@@ -451,40 +490,15 @@ def ip_adapter_layer_scales(unet: UNet2DConditionModel, scale) -> np.ndarray:
     if len(configs) != adapters:
         raise ValueError(f"{len(configs)} IP-Adapter scale configs for {adapters} adapters")
     rows = unet.ip_layer_rows()
+    counts = {w: [r.stop - r.start for r in rows[w]] for w in ("down", "up")}
     out = np.zeros((unet.num_ip_layers, adapters), np.float32)
     for a, config in enumerate(configs):
         if not isinstance(config, dict):
             out[:, a] = float(config)
             continue
-        unknown = sorted(set(config) - {"down", "mid", "up"})
-        if unknown:
-            raise ValueError(f"IP-Adapter scale keys {unknown}; valid: down, mid, up")
-        mid = config.get("mid", 0.0)
-        if isinstance(mid, (list, tuple)):
-            if len(mid) != 1:
-                raise ValueError(f"expected 1 scale for mid, got {len(mid)}")
-            mid = mid[0]
-        out[-1, a] = float(mid)
+        scales = expand_block_scales(config, counts, 0.0, "IP-Adapter scale")
+        out[-1, a] = scales["mid"]
         for where in ("down", "up"):
-            blocks = config.get(where, 0.0)
-            for i, rows_i in enumerate(rows[where]):
-                count = rows_i.stop - rows_i.start
-                if not count:
-                    continue  # no attention in this block
-                value = blocks.get(f"block_{i}", 0.0) if isinstance(blocks, dict) else blocks
-                values = list(value) if isinstance(value, (list, tuple)) else [value]
-                if len(values) == 1:
-                    values = values * count
-                if len(values) != count:
-                    raise ValueError(
-                        f"expected {count} scales for {where}.block_{i}, got {len(values)}"
-                    )
+            for rows_i, values in zip(rows[where], scales[where], strict=True):
                 out[rows_i, a] = values
-            if isinstance(blocks, dict):
-                valid = {f"block_{i}" for i in range(len(rows[where]))}
-                if set(blocks) - valid:
-                    raise ValueError(
-                        f"IP-Adapter scale {where} names {sorted(set(blocks) - valid)}; "
-                        f"this U-Net's {where} blocks: {', '.join(sorted(valid))}"
-                    )
     return out

@@ -109,7 +109,13 @@ def groups_from_config(config, names: Sequence[str]) -> dict[str, ParamGroup]:
     fields `config.param_groups.<name>` sets (None: not set), e.g.
     `--config.param_groups.text_encoder.learning_rate=1e-4`, `...ema_decay=0` (no EMA copy)."""
     overrides = dict(config.get("param_groups", None) or {})
-    unknown = sorted(set(overrides) - set(names))
+    # A placeholder left unset is no override: a config may offer a group an option turns on
+    # (the LoRA objective's text_encoder_lora).
+    unknown = sorted(
+        name
+        for name, fields in overrides.items()
+        if name not in names and any(v is not None for v in dict(fields or {}).values())
+    )
     if unknown:
         raise ValueError(
             f"config.param_groups names {unknown}, which this objective does not train; "

@@ -17,7 +17,8 @@ base parameters stay untouched. Two ways to use it, both pure functions of the t
   sampling at the base model's speed. The base tree is not modified: "unfusing" is using it.
 
 Several adapters at once are a list of `Adapter`s, each with its weight (diffusers'
-`set_adapters(names, weights)`). Targets are diffusers' module names ("to_q", "to_out.0",
+`set_adapters(names, weights)`): one number, or one per layer, as `block_weights` makes from
+diffusers' per-block weights of a U-Net ({"down": ..., "mid": ..., "up": ...}). Targets are diffusers' module names ("to_q", "to_out.0",
 "ff.net.0.proj", "conv1", ...): a layer is targeted when its path ends with the name, as peft
 matches `target_modules`.
 """
@@ -93,7 +94,8 @@ def init(params, targets: Sequence[str], rank: int, key: jax.Array, *, init: str
 class Adapter:
     """One adapter as applied: its tree ({"params": {... layer: {"lora_A", "lora_B"}}}), its
     alpha (one value, {layer path: value} as kohya files store it, or None: alpha = rank, as
-    diffusers does without metadata) and its weight (diffusers' adapter weight / `lora_scale`)."""
+    diffusers does without metadata) and its weight (diffusers' adapter weight / `lora_scale`:
+    one value, or {layer path: value} with 1 for the layers it leaves out, `block_weights`)."""
 
     params: Any
     alpha: float | Mapping[tuple[str, ...], float] | None = None
@@ -114,7 +116,10 @@ def _layers(adapter: Adapter) -> dict[tuple[str, ...], tuple[jax.Array, jax.Arra
         if isinstance(alpha, Mapping):
             alpha = alpha.get(layer)
         alpha = rank if alpha is None else alpha
-        out[layer] = (a, b, alpha / rank * adapter.weight)
+        weight = adapter.weight
+        if isinstance(weight, Mapping):
+            weight = weight.get(layer, 1.0)
+        out[layer] = (a, b, alpha / rank * weight)
     return out
 
 
@@ -205,6 +210,49 @@ def check_targets(params, adapters: Sequence[Adapter]) -> None:
                     f"adapter {i}: {'/'.join(path)} has lora_A {tuple(a.shape)} and lora_B "
                     f"{tuple(b.shape)}, which do not fit its kernel {tuple(kernel)}"
                 )
+
+
+def block_weights(layers: Sequence[tuple[str, ...]], weights, default: float = 1.0) -> dict:
+    """diffusers' per-block LoRA weights of a U-Net (`set_adapters(name, {"unet": weights})`)
+    as {layer path: weight} for `layers` (the U-Net's Dense / Conv layer paths).
+
+    weights: {"down": ..., "mid": ..., "up": ...}, expanded as diffusers does
+    (`unet.expand_block_scales`: a number per direction, or {"block_i": a number or one per
+    attention module}). A weight belongs to an attention module `attentions_j` of a block and,
+    as peft applies diffusers' dict (`get_module_weight`), also to the block's `resnets_j` and
+    (j = 0) its down/upsampler. The default goes to the mid block's resnets, to blocks without
+    attention and to layers outside the blocks (conv_in, the time embedding, conv_out), for
+    which diffusers raises an IndexError instead.
+    """
+    from ldm_jax.models.unet import expand_block_scales
+
+    if not isinstance(weights, Mapping):
+        return {tuple(p): float(weights) for p in layers}
+    attentions: dict[str, dict[int, set]] = {"down": {}, "up": {}}
+    for path in layers:
+        for where in attentions:
+            if path[0].startswith(f"{where}_blocks_"):
+                block = attentions[where].setdefault(int(path[0].rsplit("_", 1)[1]), set())
+                if len(path) > 1 and path[1].startswith("attentions_"):
+                    block.add(path[1])
+    counts = {
+        w: [len(b.get(i, ())) for i in range(max(b, default=-1) + 1)] for w, b in attentions.items()
+    }
+    scales = expand_block_scales(dict(weights), counts, default, "LoRA block weights")
+    out = {}
+    for path in map(tuple, layers):
+        out[path] = default
+        if path[:2] == ("mid_block", "attentions_0"):
+            out[path] = scales["mid"]
+        where = path[0].split("_blocks_")[0]
+        if where not in ("down", "up") or len(path) < 2:
+            continue
+        values = scales[where][int(path[0].rsplit("_", 1)[1])]
+        kind, _, j = path[1].rpartition("_")
+        j = {"attentions": j, "resnets": j, "downsamplers": "0", "upsamplers": "0"}.get(kind)
+        if j is not None and int(j) < len(values):
+            out[path] = values[int(j)]
+    return out
 
 
 def num_params(adapter_params) -> int:

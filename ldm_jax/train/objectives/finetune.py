@@ -311,8 +311,10 @@ def loss_with_draws(objective: Objective, params, frozen, batch, draws):
         )
         mean, std = posterior.mean, posterior.std
     latents = (mean + std * draws["posterior"]) * model.scaling_factor
+    latents = jax.lax.stop_gradient(latents)
+    # Not stopped: the encoders are frozen, so no gradient reaches them unless a trainable group
+    # feeds them (the LoRA objective's text-encoder adapter, folded into `frozen`).
     context, pooled = encode_captions(objective, frozen, batch["input_ids"], draws["drop"])
-    latents, context, pooled = jax.lax.stop_gradient((latents, context, pooled))
     added = None
     if pooled is not None:
         added = {"text_embeds": pooled, "time_ids": sdxl_time_ids(objective, batch, draws["flip"])}
@@ -340,17 +342,19 @@ def make_loss_fn(objective: Objective):
 # --- Samples and export --------------------------------------------------------------------------
 
 
-def make_on_sample(config, model, workdir: pathlib.Path, unet_params=None):
+def make_on_sample(config, model, workdir: pathlib.Path, unet_params=None, frozen=None):
     """on_sample(step, state): a grid of the sample prompts, one per column, with the U-Net
-    `unet_params(state)` gives (default: the EMA U-Net)."""
+    `unet_params(state)` gives (default: the EMA U-Net) and the VAE and text encoders of
+    `frozen(state)` (default: `state.frozen`)."""
     prompts = list(config.sample.prompts)
     unet_params = unet_params or (lambda state: state.averaged()["unet"])
+    frozen = frozen or (lambda state: state.frozen)
 
     def on_sample(step, state):
         if not prompts:
             return None
         images = generate(
-            with_params(model, unet_params(state), state.frozen),
+            with_params(model, unet_params(state), frozen(state)),
             prompts,
             num_inference_steps=config.sample.num_inference_steps,
             guidance_scale=config.sample.guidance_scale,
