@@ -53,7 +53,8 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 # A file missing here comes after these, in pytest's order.
 LONGEST_FIRST = (
     "test_train_cli.py",  # 448
-    "test_finetune.py",  # 171
+    "test_lora.py",  # ~230 (2026-12-08: diffusers parity, LoRA training runs, the shapes LoRA)
+    "test_finetune.py",  # 171 (+ 42: the SDXL LoRA run)
     "test_faults.py",  # 170
     "test_generate.py",  # 124
     "test_sharding.py",  # 109

@@ -177,7 +177,11 @@ def test_img2img_with_a_model_trained_here(trained, tmp_path, capsys):
     )
     record = json.loads((out / "manifest.json").read_text())[0]
     assert record["init_image"] == str(path) and record["strength"] == 0.25
-    np.testing.assert_array_equal(np.asarray(Image.open(out / "00000.png")), near[0])
+    # Within one level, not equal: the CLI's progress bar is a host callback inside the sampling
+    # loop, another program whose round-off (at the suite's XLA optimization level 0) moved one
+    # pixel of the smoke model's image by one level.
+    written = np.asarray(Image.open(out / "00000.png")).astype(int)
+    assert np.abs(written - near[0]).max() <= 1
     # Bad input is named.
     assert cli.main([*args, "--strength", "0.5", "--out", str(out)]) == 2
     assert "--strength needs --init-image" in capsys.readouterr().err

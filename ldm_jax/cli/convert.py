@@ -37,7 +37,6 @@ def run(args, overrides):
     import numpy as np
 
     from ldm_jax.convert import load_pretrained, save_orbax, save_pretrained
-
     from ldm_jax.model import with_lora
 
     out = pathlib.Path(args.out)
