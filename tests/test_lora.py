@@ -65,6 +65,26 @@ def _reference(ref, inputs):
     return out.sample.numpy().transpose(0, 2, 3, 1)
 
 
+def _unet_inputs(cross_attention_dim: int = 32, seed: int = 1):
+    """(latents NHWC, timesteps, context) for a tiny U-Net's forward pass."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(2, 8, 8, 4)).astype(np.float32)
+    ctx = rng.normal(size=(2, 77, cross_attention_dim)).astype(np.float32)
+    return x, np.array([10.0, 700.0], np.float32), ctx
+
+
+def _peft_unet_layers(unet, config, seed: int, name: str = "x"):
+    """PEFT's state dict of an adapter `config` (seeded) on a diffusers U-Net, which is left
+    without it."""
+    from peft import get_peft_model_state_dict
+
+    torch.manual_seed(seed)
+    unet.add_adapter(config, adapter_name=name)
+    layers = get_peft_model_state_dict(unet, adapter_name=name)
+    unet.delete_adapters([name])
+    return layers
+
+
 def _add(ref, name, rank, alpha, targets):
     from peft import LoraConfig, get_peft_model_state_dict
 
@@ -161,6 +181,8 @@ def test_bad_lora_files_are_named():
         peft_state_dict_to_adapters({"unet.x.to_q.lora_magnitude_vector": a})
     with pytest.raises(CheckpointError, match="LoHa"):
         kohya_state_dict_to_adapters({"lora_unet_x_to_q.hada_w1_a": a}, {"unet": []})
+    with pytest.raises(CheckpointError, match="an alpha is one number, not shape"):
+        kohya_state_dict_to_adapters({"lora_unet_conv_in.alpha": a}, {"unet": [("conv_in",)]})
     with pytest.raises(CheckpointError, match="1 kohya LoRA keys match no layer"):
         kohya_state_dict_to_adapters({"lora_unet_nope.lora_down.weight": a}, {"unet": []})
     with pytest.raises(CheckpointError, match="1 keys are not diffusers / PEFT LoRA weights"):
@@ -228,16 +250,9 @@ def test_lora_training_end_to_end_loads_in_diffusers(tmp_path, clip_tokenizer_di
     assert not np.allclose(base, want, atol=1e-4)  # the text-encoder LoRA changes something
     got = encoder.apply(fused, ids).last_hidden_state
     np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-4)
-    rng = np.random.default_rng(1)
-    x = rng.normal(size=(2, 8, 8, 4)).astype(np.float32)
-    t = np.array([10.0, 700.0], np.float32)
-    ctx = rng.normal(size=(2, 77, 32)).astype(np.float32)
-    with torch.no_grad():
-        want = pipe.unet(
-            torch.from_numpy(x.transpose(0, 3, 1, 2).copy()), torch.from_numpy(t),
-            torch.from_numpy(ctx),
-        ).sample.numpy().transpose(0, 2, 3, 1)  # fmt: skip
-    got = jax.jit(ours.unet.apply)(lora.fuse(ours.unet_params, [adapter]), x, t, ctx)
+    inputs = _unet_inputs()
+    want = _reference(pipe.unet, inputs)
+    got = jax.jit(ours.unet.apply)(lora.fuse(ours.unet_params, [adapter]), *inputs)
     np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-4)
 
 
@@ -266,10 +281,7 @@ def test_generate_and_sample_cli_with_lora_files_match_diffusers(
         config = LoraConfig(
             r=rank, lora_alpha=alpha, target_modules=targets, init_lora_weights=False
         )
-        torch.manual_seed(rank)
-        pipe.unet.add_adapter(config, adapter_name=name)
-        layers = get_peft_model_state_dict(pipe.unet, adapter_name=name)
-        pipe.unet.delete_adapters([name])
+        layers = _peft_unet_layers(pipe.unet, config, seed=rank, name=name)
         diffusers.StableDiffusionPipeline.save_lora_weights(
             tmp_path / name, unet_lora_layers=layers, unet_lora_adapter_metadata=config.to_dict()
         )
@@ -507,7 +519,7 @@ def test_lcm_lora_in_kohya_layout_with_the_lcm_sampler_matches_diffusers(
     import diffusers
     import tiny_checkpoints as tiny
     from diffusers.utils import convert_state_dict_to_kohya
-    from peft import LoraConfig, get_peft_model_state_dict
+    from peft import LoraConfig
     from safetensors.torch import save_file
     from test_generate import _assert_within_one_level, _diffusers_uint8, _latents
 
@@ -520,10 +532,7 @@ def test_lcm_lora_in_kohya_layout_with_the_lcm_sampler_matches_diffusers(
     folder = tmp_path / "sd"
     pipe.save_pretrained(folder, safe_serialization=True)
     config = LoraConfig(r=8, lora_alpha=8, target_modules=LCM_LORA_TARGETS, init_lora_weights=False)
-    torch.manual_seed(7)
-    pipe.unet.add_adapter(config, adapter_name="lcm")
-    layers = get_peft_model_state_dict(pipe.unet, adapter_name="lcm")
-    pipe.unet.delete_adapters(["lcm"])
+    layers = _peft_unet_layers(pipe.unet, config, seed=7)
     assert any("downsamplers" in k for k in layers) and any("conv_shortcut" in k for k in layers)
     kohya = convert_state_dict_to_kohya({f"unet.{k}": v for k, v in layers.items()})
     save_file({k: v.contiguous() for k, v in kohya.items()}, tmp_path / "lcm.safetensors")
@@ -562,7 +571,7 @@ def test_per_block_weights_match_diffusers_set_adapters(tmp_path, clip_tokenizer
     and the weights per layer as `block_weights` expands them."""
     import diffusers
     import tiny_checkpoints as tiny
-    from peft import LoraConfig, get_peft_model_state_dict
+    from peft import LoraConfig
     from test_generate import _assert_within_one_level, _diffusers_uint8, _latents
 
     from ldm_jax.model import load_pretrained
@@ -572,10 +581,7 @@ def test_per_block_weights_match_diffusers_set_adapters(tmp_path, clip_tokenizer
     pipe.save_pretrained(tmp_path / "sd", safe_serialization=True)
     targets = [*TARGETS, "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv"]
     config = LoraConfig(r=4, lora_alpha=4, target_modules=targets, init_lora_weights=False)
-    torch.manual_seed(3)
-    pipe.unet.add_adapter(config, adapter_name="a")
-    layers = get_peft_model_state_dict(pipe.unet, adapter_name="a")
-    pipe.unet.delete_adapters(["a"])
+    layers = _peft_unet_layers(pipe.unet, config, seed=3)
     diffusers.StableDiffusionPipeline.save_lora_weights(
         tmp_path / "a", unet_lora_layers=layers, unet_lora_adapter_metadata=config.to_dict()
     )
@@ -654,21 +660,9 @@ def test_kohya_export_and_fused_folder_load_in_diffusers(tmp_path, clip_tokenize
     assert any(k.endswith(".alpha") for k in keys)
     pipe.load_lora_weights(tmp_path / "kohya", adapter_name="k")
     fused = with_lora(sd, [file])
-    rng = np.random.default_rng(1)
-    x = rng.normal(size=(2, 8, 8, 4)).astype(np.float32)
-    t = np.array([10.0, 700.0], np.float32)
-    ctx = rng.normal(size=(2, 77, 32)).astype(np.float32)
-
-    def diffusers_unet(unet):
-        with torch.no_grad():
-            out = unet(
-                torch.from_numpy(x.transpose(0, 3, 1, 2).copy()), torch.from_numpy(t),
-                torch.from_numpy(ctx),
-            ).sample  # fmt: skip
-        return out.numpy().transpose(0, 2, 3, 1)
-
-    want = diffusers_unet(pipe.unet)
-    got = jax.jit(sd.unet.apply)(fused.unet_params, x, t, ctx)
+    inputs = _unet_inputs()
+    want = _reference(pipe.unet, inputs)
+    got = jax.jit(sd.unet.apply)(fused.unet_params, *inputs)
     np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-4)
     ids = np.array([[49406, 320, 736, 2760, 49407] + [49407] * 72], np.int32)
     with torch.no_grad():
@@ -679,7 +673,7 @@ def test_kohya_export_and_fused_folder_load_in_diffusers(tmp_path, clip_tokenize
     out = tmp_path / "fused"
     assert cli.main(["convert", str(folder), "--lora", str(file), "--out", str(out)]) == 0
     again = diffusers.StableDiffusionPipeline.from_pretrained(out)
-    np.testing.assert_allclose(diffusers_unet(again.unet), want, atol=2e-5, rtol=1e-4)
+    np.testing.assert_allclose(_reference(again.unet, inputs), want, atol=2e-5, rtol=1e-4)
 
 
 def test_attention_processor_spelling_reads_as_peft(unet_pair):

@@ -224,7 +224,10 @@ def kohya_state_dict_to_adapters(state_dict, layers: Mapping[str, list]) -> dict
             unknown.append(key)
             continue
         if match.group(3) == "alpha":
-            alphas.setdefault(component, {})[path] = float(np.asarray(state_dict[key]).reshape(()))
+            alpha = np.asarray(state_dict[key])
+            if alpha.size != 1:
+                raise CheckpointError(f"{key}: an alpha is one number, not shape {alpha.shape}")
+            alphas.setdefault(component, {})[path] = float(alpha.reshape(()))
             continue
         role = "lora_A" if match.group(3).startswith("lora_down") else "lora_B"
         tensors.setdefault(component, {})[(*path, role)] = _to_flax(state_dict[key])
